@@ -1,0 +1,161 @@
+"""Turn checkpoints into HookedLoopedTransformers: `load`, `loop`, `from_hf`, `from_bridge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from loop_lens.adapters import families
+from loop_lens.adapters.io import LoadError, TensorSource, UnexpectedTensorsWarning, assemble, read_config, read_tensors
+from loop_lens.config import ConfigError, LoopConfig
+from loop_lens.model.looped import HookedLoopedTransformer
+from loop_lens.tokenization import load_tokenizer
+
+KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "zoo")
+
+__all__ = ["load", "loop", "from_hf", "from_bridge", "detect_family", "LoadError", "UnexpectedTensorsWarning", "KNOWN_FAMILIES"]
+
+
+def detect_family(config: dict[str, Any], tensors: dict[str, Any]) -> str:
+    """The family of a checkpoint, from its config.json and tensor names."""
+    kind = config.get("model_type")
+    if kind == "ouro" or "model.layers.0.input_layernorm_2.weight" in tensors:
+        return "ouro"
+    if kind == "huginn_raven" or any(k.startswith("transformer.core_block.") for k in tensors):
+        return families.raven_flavour(tensors)
+    if kind in families.FEEDFORWARD_TYPES:
+        raise LoadError(
+            f"this is a feedforward {kind} checkpoint, not a looped one: use "
+            "ll.loop(path, block=(a, b), n_loops=T) to loop layers [a, b)"
+        )
+    raise LoadError(
+        f"cannot tell the family of this checkpoint (model_type={kind!r}); known families: "
+        f"{list(KNOWN_FAMILIES)}; pass family= to name one"
+    )
+
+
+def _resolve_dir(path: Union[str, Path]) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise LoadError(f"{p} is a file; give the checkpoint directory")
+        return p
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _snapshot(text)
+    raise LoadError(f"checkpoint path does not exist: {p}")
+
+
+def _snapshot(repo_id: str) -> Path:
+    """Download a hub checkpoint's config, weights and tokenizer (no code files)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*"])
+    except Exception as err:  # offline, unknown repo, ...
+        raise LoadError(f"{repo_id!r} is not a local directory and could not be fetched from the hub: {err}") from err
+    return Path(local)
+
+
+def load(
+    path: Union[str, Path],
+    family: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> HookedLoopedTransformer:
+    """Load a looped checkpoint directory (or `zoo:<name>`, or a hub id when online).
+
+    The family is detected from config.json and tensor names unless `family=` names it. No code
+    from the checkpoint is imported or executed. bf16 checkpoints stay bf16 unless `dtype=` says
+    otherwise.
+    """
+    text = str(path)
+    if text.startswith("zoo:"):
+        from loop_lens.zoo import zoo_path
+
+        return load(zoo_path(text[4:]), family="native", device=device, dtype=dtype)
+    if family is not None and family not in KNOWN_FAMILIES:
+        raise LoadError(f"unknown family {family!r}; known families: {list(KNOWN_FAMILIES)}")
+    directory = _resolve_dir(path)
+    native_cfg = directory / "loop_config.json"
+    if family == "native" or (family is None and native_cfg.is_file()):
+        if not native_cfg.is_file():
+            raise LoadError(f"no loop_config.json in {directory} (native format)")
+        try:
+            cfg = LoopConfig.from_json(native_cfg)
+        except (ConfigError, ValueError, TypeError) as err:
+            raise LoadError(f"{native_cfg} is not a valid LoopConfig: {err}") from err
+        tensors, origin = read_tensors(directory)
+        src = TensorSource(tensors, origin)
+        cfg, mapped = families.native(cfg, src)
+    else:
+        config = read_config(directory)
+        tensors, origin = read_tensors(directory)
+        family = family or detect_family(config, tensors)
+        src = TensorSource(tensors, origin, ignore=["freqs_cis"])
+        cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
+    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
+
+
+def _config_and_tensors(source: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, Any]:
+    """(config dict, tensors, origin, tokenizer) of a directory or an in-memory transformers model."""
+    if isinstance(source, (str, Path)):
+        directory = _resolve_dir(source)
+        tensors, origin = read_tensors(directory)
+        return read_config(directory), tensors, origin, load_tokenizer(directory)
+    if hasattr(source, "config") and hasattr(source, "state_dict"):
+        config = source.config.to_dict() if hasattr(source.config, "to_dict") else dict(vars(source.config))
+        tensors = {k: v.detach() for k, v in source.state_dict().items()}
+        return config, tensors, f"in-memory {type(source).__name__}", getattr(source, "tokenizer", None)
+    raise LoadError(f"expected a checkpoint directory or a transformers model, got {type(source).__name__}")
+
+
+def loop(
+    path_or_model: Any,
+    block: tuple[int, int],
+    n_loops: int = 1,
+    injection: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> HookedLoopedTransformer:
+    """Loop layers [a, b) of a feedforward checkpoint (Llama / Qwen2 / Mistral / GPT-2 layout):
+    layers before `a` become the prelude, the rest after `b` the coda.
+
+    `injection`: None/"none" (iteration t+1 starts from iteration t's output) or "additive"
+    (the prelude output is added to the state before every iteration, which starts at zero).
+    With `n_loops=1` the model computes exactly the original network.
+    """
+    config, tensors, origin, tokenizer = _config_and_tensors(path_or_model)
+    src = TensorSource(tensors, origin, ignore=["lm_head.weight"] if config.get("tie_word_embeddings") else [])
+    cfg, mapped = families.feedforward(config, src, tuple(block), n_loops, injection or "none")
+    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
+
+
+def from_hf(hf_model: Any, family: Optional[str] = None, device: Any = None, dtype: Any = None) -> HookedLoopedTransformer:
+    """Convert an in-memory transformers model (remote-code Ouro / Huginn too) by reading its
+    `config` and `state_dict`; none of its code is called. A feedforward model becomes a
+    (0, L x 1, 0) loop of all its layers; use `loop` to pick a block."""
+    config, tensors, origin, tokenizer = _config_and_tensors(hf_model)
+    if family is None and config.get("model_type") in families.FEEDFORWARD_TYPES:
+        L = config.get("num_hidden_layers") or config.get("n_layer")
+        return loop(hf_model, block=(0, L), n_loops=1, device=device, dtype=dtype)
+    family = family or detect_family(config, tensors)
+    if family not in families.LOOPED_FAMILIES:
+        raise LoadError(f"unknown family {family!r}; known families: {list(families.LOOPED_FAMILIES)}")
+    src = TensorSource(tensors, origin, ignore=["freqs_cis"])
+    cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
+    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
+
+
+def from_bridge(bridge: Any, family: Optional[str] = None, device: Any = None, dtype: Any = None) -> HookedLoopedTransformer:
+    """Convert a TransformerLens 4 `TransformerBridge` of a looped model: its wrapped transformers
+    model is read like `from_hf`, and the bridge's tokenizer is kept."""
+    hf_model = getattr(bridge, "original_model", None)
+    if hf_model is None:
+        raise LoadError("this object has no original_model; is it a TransformerBridge?")
+    model = from_hf(hf_model, family=family, device=device, dtype=dtype)
+    if model.tokenizer is None:
+        model.tokenizer = getattr(bridge, "tokenizer", None)
+    return model

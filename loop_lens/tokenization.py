@@ -1,0 +1,54 @@
+"""Tokenizer glue: a `tokenizers.Tokenizer` or a transformers tokenizer, read offline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+def load_tokenizer(directory: str | Path) -> Optional[Any]:
+    """The tokenizer in a checkpoint directory (`tokenizer.json`), or None. Never downloads."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None and hasattr(tokenizer, "token_to_id"):
+        for name in ("<pad>", "[PAD]", "<|pad|>"):
+            pad = tokenizer.token_to_id(name)
+            if pad is not None:
+                break
+    return int(pad) if pad is not None else 0
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str], prepend_bos: bool = True) -> tuple[Tensor, Tensor]:
+    """Token ids and attention mask [batch, pos], right-padded."""
+    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+        ids = [enc.ids for enc in tokenizer.encode_batch(list(texts), add_special_tokens=prepend_bos)]
+    else:  # transformers tokenizer
+        ids = [tokenizer(t, add_special_tokens=prepend_bos)["input_ids"] for t in texts]
+    width = max(len(i) for i in ids)
+    if width == 0:
+        raise ValueError("the text tokenized to nothing")
+    tokens = torch.full((len(ids), width), _pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return tokens, mask
+
+
+def decode_each(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """One string per token id."""
+    if hasattr(tokenizer, "id_to_token"):
+        return [tokenizer.decode([i], skip_special_tokens=False) or (tokenizer.id_to_token(i) or "") for i in ids]
+    return [tokenizer.decode([i]) for i in ids]

@@ -1,0 +1,57 @@
+"""Shared fixtures: the golden checkpoints and small model factories."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from loop_lens import HookedLoopedTransformer, LoopConfig
+from loop_lens.model.init import init_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT.parent / "shared" / "golden"
+
+# Every block style, as the families use them.
+STYLES = {
+    "pre": dict(norm_placement="pre"),
+    "ouro": dict(norm_placement="sandwich", iter_norm=True, final_norm=False, exit_gate=True),
+    "huginn": dict(
+        norm_placement="sandwich_resid", rope_style="adjacent", injection="linear", initial_state="trunc_normal",
+        init_std=0.1, norm_after_loop=True, qk_bias=True, tie_embeddings=True,
+    ),
+    "olmo2": dict(norm_placement="post", qk_norm="full", injection="additive", initial_state="zeros"),
+    "gpt2": dict(normalization_type="LN", mlp_type="gelu_new", attn_bias=True, mlp_bias=True, positional_embedding_type="learned"),
+}
+
+
+def tiny_config(style: str = "pre", **overrides) -> LoopConfig:
+    fields = dict(d_model=32, n_heads=4, n_key_value_heads=2, d_mlp=48, d_vocab=40, n_prelude=1, n_block=2, n_coda=1, default_loops=3, n_ctx=64)
+    fields.update(STYLES[style])
+    fields.update(overrides)
+    return LoopConfig(**fields)
+
+
+def tiny_model(style: str = "pre", seed: int = 0, **overrides) -> HookedLoopedTransformer:
+    torch.manual_seed(seed)
+    model = HookedLoopedTransformer(tiny_config(style, **overrides))
+    init_weights(model, seed=seed)
+    for name, p in model.named_parameters():  # make norms and biases non-trivial so mistakes show
+        if p.ndim == 1 or name.endswith(("q_bias", "k_bias")):
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
+    return model.eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def golden(name: str) -> Path:
+    path = GOLDEN / name
+    if not path.is_dir():
+        pytest.fail(f"golden fixture {path} is missing: ../shared must sit beside the project")
+    return path
