@@ -29,15 +29,24 @@ def _get(config: dict[str, Any], *names: str, default: Any = LoadError) -> Any:
 
 
 def _rope_scaling(config: dict[str, Any]) -> Any:
-    scaling = config.get("rope_scaling")
-    if scaling is None:
+    """llama3 rope scaling from `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5)."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters")
+    if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
     if kind != "llama3":
         raise LoadError(f"rope_scaling type {kind!r} is not supported (supported: 'llama3')")
-    return dict(scaling)
+    return {k: v for k, v in scaling.items() if k != "rope_theta"}
+
+
+def _rope_theta(config: dict[str, Any], *names: str, default: Any = LoadError) -> float:
+    """RoPE theta from the named fields, or from transformers 5's `rope_parameters`."""
+    params = config.get("rope_parameters") or {}
+    if params.get("rope_theta") is not None:
+        return float(params["rope_theta"])
+    return float(_get(config, *names, default=default))
 
 
 def _vocab(src: TensorSource, embed_name: str, config: dict[str, Any]) -> int:
@@ -93,7 +102,7 @@ def ouro(config: dict[str, Any], src: TensorSource) -> tuple[LoopConfig, Mapping
         norm_placement="sandwich",
         norm_eps=_get(config, "rms_norm_eps", default=1e-6),
         rope_style="rotate_half",
-        rope_theta=_get(config, "rope_theta", default=10000.0),
+        rope_theta=_rope_theta(config, "rope_theta", default=10000.0),
         rope_scaling=_rope_scaling(config),
         iter_norm=True,
         final_norm=False,
@@ -169,9 +178,7 @@ def raven(config: dict[str, Any], src: TensorSource, flavour: str | None = None)
         norm_placement={"huginn": "sandwich_resid", "retro-llama": "pre", "retro-olmo2": "post"}[flavour],
         norm_eps=_get(config, "norm_eps", "rms_norm_eps", default=1e-6),
         rope_style="adjacent" if huginn else "rotate_half",
-        rope_theta=float(
-            _get(config, "rope_base", default=50000.0) if huginn else _get(config, "rope_theta", "rope_base")
-        ),
+        rope_theta=_get(config, "rope_base", default=50000.0) if huginn else _rope_theta(config, "rope_theta", "rope_base"),
         rope_scaling=None if huginn else _rope_scaling(config),
         qk_bias=bool(config.get("qk_bias", False)),
         qk_norm="full" if flavour == "retro-olmo2" else "none",
@@ -287,7 +294,7 @@ def feedforward(
         n_key_value_heads=config.get("num_key_value_heads") or H, d_head=config.get("head_dim") or D // H,
         d_mlp=_get(config, "intermediate_size"), d_vocab=_get(config, "vocab_size"),
         n_ctx=config.get("max_position_embeddings", 4096), norm_eps=_get(config, "rms_norm_eps", default=1e-6),
-        rope_theta=float(_get(config, "rope_theta", default=10000.0)), rope_scaling=_rope_scaling(config),
+        rope_theta=_rope_theta(config, "rope_theta", default=10000.0), rope_scaling=_rope_scaling(config),
         attn_bias=qkv_bias, tie_embeddings=tie, **loop_fields,
     )
     if config.get("hidden_act", "silu") != "silu":
