@@ -1,0 +1,27 @@
+"""Cache every iteration of a looped model and look at how the state settles.
+
+    python examples/per_iteration_cache.py [MODEL]      (default: zoo:tiny-random)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import loop_lens as ll
+
+
+def main(model_name: str = "zoo:tiny-random") -> None:
+    model = ll.load(model_name)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens, n_loops=16, seed=0, names_filter=lambda n: n.endswith("hook_state_post"))
+    states = cache.stack("hook_state_post")  # [n_loops, batch, pos, d_model]
+    steps = (states[1:] - states[:-1]).flatten(1).norm(dim=-1) / states[1:].flatten(1).norm(dim=-1)
+    print(f"{model_name}: layout {model.cfg.layout}, run with 16 iterations")
+    for t, step in enumerate(steps.tolist(), start=1):
+        print(f"  iteration {t:2d}: relative step size {step:.3e}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
