@@ -1,5 +1,6 @@
 """loop_lens: TransformerLens-style interpretability for looped language models."""
 
+from loop_lens import analysis, zoo
 from loop_lens.adapters import KNOWN_FAMILIES, LoadError, from_bridge, from_hf, load, loop
 from loop_lens.cache import LoopCache
 from loop_lens.config import ConfigError, LoopConfig
@@ -9,6 +10,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "analysis",
+    "zoo",
     "HookedLoopedTransformer",
     "KNOWN_FAMILIES",
     "LoadError",

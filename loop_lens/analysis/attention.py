@@ -1,0 +1,220 @@
+"""Attention-head stabilisation across iterations (the paper's section 5).
+
+Patterns A are [..., query, key], rows are queries and sum to one (causal). n is the number of
+(real) positions. Iterations count from 0; changes at t compare with t - 1 and are NaN at t = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import head_detector
+
+from loop_lens.analysis.fixed_points import step_sizes
+from loop_lens.analysis.result import Result, first_stable, long_frame
+from loop_lens.cache import LoopCache
+
+EPS = 1e-12
+HEAD_TYPES = ("previous_token", "induction", "first_token", "diagonal")
+
+
+def _n(pattern: Tensor, mask: Optional[Tensor]) -> Tensor:
+    if mask is None:
+        return torch.full(pattern.shape[:-2], pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
+    n = mask.sum(-1).to(pattern.dtype)  # [B]
+    return n.view(*n.shape, *([1] * (pattern.ndim - 3))).expand(pattern.shape[:-2]) if pattern.ndim > 3 else n
+
+
+def _query_mask(pattern: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """[..., q, 1] weights: 1 for real query rows. `mask` is [B, S] and pattern [..., B, H, q, k]
+    or [B, H, q, k] / [q, k] when unbatched."""
+    if mask is None:
+        return torch.ones(*pattern.shape[:-1], 1, dtype=pattern.dtype, device=pattern.device)
+    m = mask.to(pattern.dtype)[:, None, :, None]  # [B, 1, q, 1]
+    return m.expand(*pattern.shape[:-1], 1)
+
+
+def colsum_concentration(pattern: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+    """`C = 1 + (1/log n) sum_j chat_j log chat_j` with `chat_j = (sum_i A_ij) / n`: 0 when every
+    key receives the same total attention, 1 when one key receives all of it."""
+    p = pattern.float() * _query_mask(pattern.float(), mask)
+    n = _n(p, mask)
+    chat = p.sum(-2) / n[..., None]  # [..., k]
+    plogp = torch.where(chat > 0, chat * torch.log(chat.clamp_min(EPS)), torch.zeros_like(chat))
+    return 1 + plogp.sum(-1) / torch.log(n.clamp_min(2))
+
+
+def sink_score(pattern: Float[Tensor, "... q k"], key: int = 0, mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+    """`(1/n) sum_i A_ik`: the average attention every query pays to key `key` (0 = first token)."""
+    p = pattern.float() * _query_mask(pattern.float(), mask)
+    return p[..., key].sum(-1) / _n(p, mask)
+
+
+def mixing_score(pattern: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+    """Mean row entropy `(1/n) sum_i H(A_i,:)` in nats."""
+    p = pattern.float()
+    h = -torch.where(p > 0, p * torch.log(p.clamp_min(EPS)), torch.zeros_like(p)).sum(-1, keepdim=True)
+    return (h * _query_mask(p, mask)).sum((-2, -1)) / _n(p, mask)
+
+
+def js_divergence_rows(p: Float[Tensor, "... q k"], q: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+    """Jensen-Shannon divergence between matching rows of two patterns (nats), averaged over rows."""
+    p, q = p.float(), q.float()
+    m = 0.5 * (p + q)
+
+    def kl(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(a > 0, a * (torch.log(a.clamp_min(EPS)) - torch.log(b.clamp_min(EPS))), torch.zeros_like(a)).sum(-1, keepdim=True)
+
+    js = 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    return (js * _query_mask(p, mask)).sum((-2, -1)) / _n(p, mask)
+
+
+def detection_patterns(tokens: Tensor) -> dict[str, Tensor]:
+    """[S, S] target patterns per head type; previous-token and induction come from
+    TransformerLens's head detector."""
+    S = tokens.shape[-1]
+    first = torch.zeros(S, S)
+    first[:, 0] = 1
+    return {
+        "previous_token": head_detector.get_previous_token_head_detection_pattern(tokens.cpu()),
+        "induction": head_detector.get_induction_head_detection_pattern(tokens.cpu()),
+        "first_token": first,
+        "diagonal": torch.eye(S),
+    }
+
+
+def head_type_scores(pattern: Float[Tensor, "... B H q k"], tokens: Tensor) -> dict[str, Tensor]:
+    """TransformerLens's "mul" head-detector score, `sum(A * D) / sum(A)`, for each head type,
+    computed for all heads at once; `tokens` is [B, S] (each batch item gets its own pattern)."""
+    p = pattern.float()
+    out = {}
+    per_item = [detection_patterns(tokens[b]) for b in range(tokens.shape[0])]
+    for kind in HEAD_TYPES:
+        d = torch.stack([pi[kind] for pi in per_item]).to(p.device)[:, None]  # [B, 1, S, S]
+        out[kind] = (p * d).sum((-2, -1)) / p.sum((-2, -1)).clamp_min(EPS)
+    return out
+
+
+@dataclass
+class AttentionStability(Result):
+    """Per (iteration, block layer, batch item, head) attention metrics, with the residual step size
+    of the same layer side by side."""
+
+    change_frobenius: Float[Tensor, "T L B H"]
+    change_js: Float[Tensor, "T L B H"]
+    concentration: Float[Tensor, "T L B H"]
+    sink: Float[Tensor, "T L B H"]
+    mixing: Float[Tensor, "T L B H"]
+    head_types: dict[str, Tensor]  # kind -> [T, L, B, H]
+    resid_step: Float[Tensor, "T L B"]  # ||X_{l,t} - X_{l,t-1}|| of the layer's input
+    kappa: Float[Tensor, "L H"]  # ||W_Q W_K^T||_2 per head (the paper's bound constant)
+    d_head: int
+
+    def stabilisation_iteration(self, tol: float = 1e-2) -> Tensor:
+        """[L, B, H]: first iteration after which the Frobenius pattern change stays below `tol`."""
+        return first_stable(self.change_frobenius, tol)
+
+    def sink_rate(self, threshold: float = 0.3) -> Float[Tensor, "T L"]:
+        """Fraction of heads (and batch items) whose first-token sink score is >= threshold."""
+        return (self.sink >= threshold).float().mean((-2, -1))
+
+    def bound_factor(self) -> Float[Tensor, "T L B H"]:
+        """`kappa / sqrt(d_head) * ||X_t - X_{t-1}||`: the paper's bound on the pattern change, up
+        to the constant B (the bound on the normed inputs), which is not estimated here."""
+        return self.kappa[None, :, None, :] / math.sqrt(self.d_head) * self.resid_step[..., None]
+
+    def head_type(self, iteration: int = -1) -> list[list[str]]:
+        """[L][H]: the best-scoring head type at an iteration (batch mean)."""
+        scores = torch.stack([self.head_types[k][iteration].mean(1) for k in HEAD_TYPES])  # [4, L, H]
+        best = scores.argmax(0)
+        return [[HEAD_TYPES[i] for i in row] for row in best.tolist()]
+
+    def table(self, tol: float = 1e-2, resid_tol: float = 1e-3) -> pd.DataFrame:
+        """The head-stability report: one row per (layer, head)."""
+        stab = self.stabilisation_iteration(tol).float()
+        stab = torch.where(stab < 0, torch.full_like(stab, float("nan")), stab).nanmedian(1).values  # [L, H]
+        resid_rel = self.resid_step  # absolute; convergence is judged on the relative step below
+        types = self.head_type(-1)
+        L, H = self.kappa.shape
+        rows = []
+        for layer in range(L):
+            for head in range(H):
+                s = stab[layer, head].item()
+                rows.append(dict(
+                    layer=layer, head=head,
+                    stabilisation_iteration=None if math.isnan(s) else int(s),
+                    head_type=types[layer][head],
+                    head_type_score=float(self.head_types[types[layer][head]][-1, layer, :, head].mean()),
+                    concentration=float(self.concentration[-1, layer, :, head].mean()),
+                    sink_score=float(self.sink[-1, layer, :, head].mean()),
+                    mixing=float(self.mixing[-1, layer, :, head].mean()),
+                    final_change=float(self.change_frobenius[-1, layer, :, head].mean()),
+                    final_resid_step=float(resid_rel[-1, layer].mean()),
+                    kappa=float(self.kappa[layer, head]),
+                ))
+        return pd.DataFrame(rows)
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = long_frame(self.change_frobenius, ["iteration", "layer", "batch", "head"], "change_frobenius")
+        for name in ("change_js", "concentration", "sink", "mixing"):
+            frame[name] = getattr(self, name).reshape(-1).cpu().numpy()
+        frame["resid_step"] = self.resid_step[..., None].expand_as(self.change_frobenius).reshape(-1).cpu().numpy()
+        for kind, values in self.head_types.items():
+            frame[f"score_{kind}"] = values.reshape(-1).cpu().numpy()
+        return frame
+
+    def plot(self, metric: str = "change_frobenius", log: bool = True):
+        """One line per (layer, head) across iterations; the layer's residual step dashed beside it."""
+        import plotly.graph_objects as go
+
+        values = getattr(self, metric).mean(2)  # [T, L, H]
+        fig = go.Figure()
+        T, L, H = values.shape
+        for layer in range(L):
+            for head in range(H):
+                fig.add_scatter(x=list(range(T)), y=values[:, layer, head].tolist(), mode="lines", name=f"L{layer}H{head}")
+            fig.add_scatter(x=list(range(T)), y=self.resid_step[:, layer].mean(-1).tolist(), mode="lines",
+                            line=dict(dash="dash", color="black"), name=f"L{layer} resid step")
+        fig.update_layout(title=f"{metric} by iteration", xaxis_title="iteration", yaxis_type="log" if log else "linear")
+        return fig
+
+
+def _kappa(model) -> Tensor:
+    """Spectral norm of W_Q W_K^T for every head of the recurrent block, [L, H]."""
+    out = []
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn
+            wq = attn.W_Q.float()  # [H, D, hd]
+            wk = attn.W_K.float().repeat_interleave(attn.n_heads // attn.n_kv, dim=0)
+            out.append(torch.linalg.matrix_norm(wq @ wk.transpose(1, 2), ord=2))
+    return torch.stack(out)
+
+
+def attention_stability(model, cache: LoopCache, tokens: Tensor, mask: Optional[Tensor] = None) -> AttentionStability:
+    """All attention metrics from a cache holding `attn.hook_pattern` and `hook_resid_pre` for
+    every iteration; `tokens` [B, S] are needed for the head-type detection patterns."""
+    a = cache.stack("attn.hook_pattern").float()  # [T, L, B, H, S, S]
+    nan = torch.full_like(a[:1, ..., 0, 0], float("nan"))
+    diff = (a[1:] - a[:-1]) * _query_mask(a[1:], mask)
+    change = torch.cat([nan, diff.flatten(-2).norm(dim=-1)])
+    js = torch.cat([nan, js_divergence_rows(a[1:], a[:-1], mask)])
+    steps = step_sizes(cache, "hook_resid_pre", mask)
+    tok = tokens if tokens.ndim == 2 else tokens[None]
+    return AttentionStability(
+        change_frobenius=change,
+        change_js=js,
+        concentration=colsum_concentration(a, mask),
+        sink=sink_score(a, 0, mask),
+        mixing=mixing_score(a, mask),
+        head_types=head_type_scores(a, tok),
+        resid_step=steps.norm,
+        kappa=_kappa(model),
+        d_head=model.cfg.d_head,
+    )

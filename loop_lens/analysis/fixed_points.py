@@ -1,0 +1,255 @@
+"""Fixed points and cyclic trajectories (the paper's section 4; Geiping et al. for token classes).
+
+X_{l,t} is the residual after block layer l at iteration t (`iter.{t}.blocks.{l}.hook_resid_post`),
+[batch, pos, d_model]. Iterations count from 0; the step at t compares X_{l,t} with X_{l,t-1}
+and is NaN at t = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from loop_lens.analysis.result import Result, first_stable, long_frame
+from loop_lens.cache import LoopCache
+
+EPS = 1e-12
+
+
+def block_states(cache: LoopCache, kind: str = "hook_resid_post", mask: Optional[Tensor] = None) -> Float[Tensor, "T L B S D"]:
+    """One hook kind over (iteration, block layer), in fp32, padded positions zeroed."""
+    x = cache.stack(kind).float()
+    if mask is not None:
+        x = x * mask.to(x.device)[None, None, :, :, None].float()
+    return x
+
+
+def _cos(a: Tensor, b: Tensor, dim) -> Tensor:
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp_min(EPS)
+
+
+@dataclass
+class StepSizes(Result):
+    """Per (iteration, layer, batch item): `||X_t - X_{t-1}||_F` over pos x d, the same relative to
+    `||X_t||_F`, the cosine between consecutive states, and per token ([T, L, B, S])."""
+
+    norm: Float[Tensor, "T L B"]
+    relative: Float[Tensor, "T L B"]
+    cosine: Float[Tensor, "T L B"]
+    per_token: Float[Tensor, "T L B S"]
+    per_token_cosine: Float[Tensor, "T L B S"]
+
+    def convergence_iteration(self, tol: float = 1e-3) -> Tensor:
+        """[L, B]: the first iteration t after which the relative step stays below `tol`
+        (0 = already at a fixed point; -1 = never settles within the run)."""
+        return first_stable(self.relative, tol)
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = long_frame(self.norm, ["iteration", "layer", "batch"], "step")
+        frame["relative_step"] = self.relative.reshape(-1).cpu().numpy()
+        frame["cosine"] = self.cosine.reshape(-1).cpu().numpy()
+        return frame.dropna()
+
+    def plot(self, by: str = "layer", relative: bool = True, log: bool = True):
+        """One line per layer across iterations (`by="layer"`), or per iteration across layers."""
+        import plotly.express as px
+
+        frame = self.to_frame().groupby(["iteration", "layer"], as_index=False).mean(numeric_only=True)
+        y = "relative_step" if relative else "step"
+        x, color = ("iteration", "layer") if by == "layer" else ("layer", "iteration")
+        fig = px.line(frame, x=x, y=y, color=color, markers=True, log_y=log, title=f"Step size by {by}")
+        fig.update_layout(legend_title=color)
+        return fig
+
+
+def step_sizes(cache: LoopCache, kind: str = "hook_resid_post", mask: Optional[Tensor] = None) -> StepSizes:
+    """Step sizes of each block layer's output between consecutive iterations."""
+    x = block_states(cache, kind, mask)  # [T, L, B, S, D]
+    nan = torch.full_like(x[:1, ..., 0], float("nan"))  # [1, L, B, S]
+    diff = x[1:] - x[:-1]
+    per_token = torch.cat([nan, diff.norm(dim=-1)])
+    per_token_cos = torch.cat([nan, _cos(x[1:], x[:-1], -1)])
+    flat = x.flatten(3)  # [T, L, B, S*D]
+    norm = torch.cat([nan[..., 0], (flat[1:] - flat[:-1]).norm(dim=-1)])
+    relative = norm / flat.norm(dim=-1).clamp_min(EPS)
+    cosine = torch.cat([nan[..., 0], _cos(flat[1:], flat[:-1], -1)])
+    return StepSizes(norm, relative, cosine, per_token, per_token_cos)
+
+
+@dataclass
+class FixedPoints(Result):
+    """Distance and cosine of every X_{l,t} to the approximate fixed point X*_l (the reference
+    run's last iteration), and the cosine matrix between the layers' fixed points."""
+
+    distance: Float[Tensor, "T L B"]
+    relative_distance: Float[Tensor, "T L B"]
+    cosine: Float[Tensor, "T L B"]
+    layer_cosine: Float[Tensor, "L L"]
+    reference_loops: int
+
+    @property
+    def min_layer_cosine(self) -> float:
+        """`min_j cos(X*_0, X*_j)`: near 1 means every layer collapsed to one (degenerate) point."""
+        return float(self.layer_cosine[0].min())
+
+    def degenerate(self, tol: float = 1e-3) -> bool:
+        """True when all block layers share one fixed point (min cosine within `tol` of 1)."""
+        return self.min_layer_cosine > 1 - tol
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = long_frame(self.distance, ["iteration", "layer", "batch"], "distance")
+        frame["relative_distance"] = self.relative_distance.reshape(-1).cpu().numpy()
+        frame["cosine"] = self.cosine.reshape(-1).cpu().numpy()
+        return frame
+
+    def plot(self, relative: bool = True, log: bool = True):
+        import plotly.express as px
+
+        frame = self.to_frame().groupby(["iteration", "layer"], as_index=False).mean(numeric_only=True)
+        y = "relative_distance" if relative else "distance"
+        return px.line(frame, x="iteration", y=y, color="layer", markers=True, log_y=log,
+                       title=f"Distance to the fixed point (T_ref = {self.reference_loops})")
+
+    def plot_layer_cosine(self):
+        import plotly.express as px
+
+        return px.imshow(self.layer_cosine.cpu().numpy(), zmin=-1, zmax=1, color_continuous_scale="RdBu",
+                         labels=dict(x="layer j", y="layer i", color="cos"), title="cos(X*_i, X*_j)")
+
+
+def fixed_points(cache: LoopCache, reference: Optional[LoopCache] = None, mask: Optional[Tensor] = None) -> FixedPoints:
+    """Compare each iteration with the fixed point X*_l = the last iteration of `reference` (a
+    long run of the same input, e.g. the paper's T_ref = 128), or of `cache` itself."""
+    x = block_states(cache, mask=mask)
+    ref_cache = reference if reference is not None else cache
+    star = block_states(ref_cache, mask=mask)[-1]  # [L, B, S, D]
+    flat, star_flat = x.flatten(3), star.flatten(2)  # [T, L, B, SD], [L, B, SD]
+    distance = (flat - star_flat[None]).norm(dim=-1)
+    relative = distance / star_flat.norm(dim=-1).clamp_min(EPS)[None]
+    cosine = _cos(flat, star_flat[None], -1)
+    unit = star_flat / star_flat.norm(dim=-1, keepdim=True).clamp_min(EPS)  # [L, B, SD]
+    layer_cosine = torch.einsum("ibd,jbd->ijb", unit, unit).mean(-1)
+    return FixedPoints(distance, relative, cosine, layer_cosine, ref_cache.n_loops)
+
+
+@dataclass
+class CyclicSimilarity(Result):
+    """Pairwise similarity over every (iteration, layer) pair, ordered by unrolled depth: residual
+    cosine, or Frobenius distance of attention patterns (averaged over batch and heads)."""
+
+    matrix: Float[Tensor, "TL TL"]
+    labels: list[str]
+    measure: str
+
+    def to_frame(self) -> pd.DataFrame:
+        n = len(self.labels)
+        frame = long_frame(self.matrix, ["i", "j"], self.measure)
+        frame["label_i"] = [self.labels[i] for i in frame["i"]]
+        frame["label_j"] = [self.labels[j] for j in frame["j"]]
+        assert len(frame) == n * n
+        return frame
+
+    def plot(self):
+        import plotly.express as px
+
+        scale = "Viridis" if self.measure == "cosine" else "Viridis_r"
+        return px.imshow(self.matrix.cpu().numpy(), x=self.labels, y=self.labels, color_continuous_scale=scale,
+                         labels=dict(color=self.measure), title=f"Cyclic similarity ({self.measure})")
+
+
+def cyclic_similarity(cache: LoopCache, of: str = "resid", mask: Optional[Tensor] = None) -> CyclicSimilarity:
+    """`of="resid"`: cosine of residual streams; `of="attention"`: Frobenius distance of patterns."""
+    T, L = cache.n_loops, cache.cfg.n_block
+    labels = [f"t{t}.l{l}" for t in range(T) for l in range(L)]
+    if of == "resid":
+        x = block_states(cache, mask=mask).flatten(3)  # [T, L, B, SD]
+        x = x.reshape(T * L, x.shape[2], -1)
+        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+        matrix = torch.einsum("ibd,jbd->ijb", unit, unit).mean(-1)
+        return CyclicSimilarity(matrix, labels, "cosine")
+    if of == "attention":
+        a = cache.stack("attn.hook_pattern").float()  # [T, L, B, H, S, S]
+        a = a.reshape(T * L, a.shape[2] * a.shape[3], -1).transpose(0, 1)  # [B*H, TL, S*S]
+        matrix = torch.cdist(a, a).mean(0)
+        return CyclicSimilarity(matrix, labels, "frobenius_distance")
+    raise ValueError(f"of must be 'resid' or 'attention', got {of!r}")
+
+
+TOKEN_CLASSES = ("fixed_point", "orbit", "slider", "unknown")
+
+
+@dataclass
+class TokenClasses(Result):
+    """Per (batch, position): fixed point / orbit / slider / unknown (Geiping et al. 2025), from
+    the cosine distance of the last block layer's output at each iteration to its final value."""
+
+    labels: list[list[str]]
+    distance: Float[Tensor, "T B S"]
+    period: Tensor  # [B, S], the detected period for orbits (0 otherwise)
+    rho: float
+    tau: float
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = [
+            dict(batch=b, position=s, token_class=label, period=int(self.period[b, s]))
+            for b, row in enumerate(self.labels)
+            for s, label in enumerate(row)
+        ]
+        return pd.DataFrame(rows)
+
+    def counts(self) -> pd.Series:
+        return self.to_frame()["token_class"].value_counts().reindex(TOKEN_CLASSES, fill_value=0)
+
+    def plot(self, batch: int = 0):
+        import plotly.express as px
+
+        frame = long_frame(self.distance[:, batch], ["iteration", "position"], "cosine_distance")
+        frame["token_class"] = [self.labels[batch][p] for p in frame["position"]]
+        return px.line(frame, x="iteration", y="cosine_distance", color="position", line_dash="token_class",
+                       title="Cosine distance to the final state, per token")
+
+
+def classify_tokens(
+    cache: LoopCache,
+    rho: float = 0.9,
+    tau: float = 0.05,
+    max_period: int = 8,
+    layer: int = -1,
+) -> TokenClasses:
+    """Label each token's trajectory over a long run.
+
+    With d_t = 1 - cos(x_t, x_{T-1}) for the output of block layer `layer`:
+    - fixed point: d_t <= tau for the last `rho` fraction of iterations;
+    - orbit: not a fixed point, and for some period p in 2..max_period the state returns,
+      1 - cos(x_t, x_{t-p}) <= tau over the second half of the run, while consecutive states
+      differ (mean 1 - cos(x_t, x_{t-1}) > tau there), so a slow drift is not an orbit;
+    - slider: neither, and d_t decreases monotonically over the last `rho` fraction (a drift);
+    - unknown: anything else.
+    """
+    x = block_states(cache)[:, layer]  # [T, B, S, D]
+    T = x.shape[0]
+    final = x[-1]
+    d = 1 - _cos(x, final[None], -1)  # [T, B, S]
+    tail = max(1, int(round(rho * T)))
+    fixed = (d[T - tail :] <= tau).all(0)
+    half = T // 2
+    period = torch.zeros(d.shape[1:], dtype=torch.long)
+    for p in range(max_period, 1, -1):  # the smallest period wins
+        if T - p <= half:
+            continue
+        back = 1 - _cos(x[half + p :], x[half : T - p], -1)  # [T-half-p, B, S]
+        period = torch.where((back <= tau).all(0), torch.tensor(p), period)
+    moving = (1 - _cos(x[half + 1 :], x[half:-1], -1)).mean(0) > tau
+    orbit = ~fixed & (period > 0) & moving
+    steps = d[T - tail :]
+    slider = ~fixed & ~orbit & (steps[1:] <= steps[:-1]).all(0) & (steps[:-1] - steps[1:]).gt(0).any(0)
+    labels = [
+        ["fixed_point" if fixed[b, s] else "orbit" if orbit[b, s] else "slider" if slider[b, s] else "unknown" for s in range(d.shape[2])]
+        for b in range(d.shape[1])
+    ]
+    return TokenClasses(labels, d, torch.where(orbit, period, torch.zeros_like(period)), rho, tau)

@@ -1,0 +1,188 @@
+"""Train the zoo's k-hop models with HookedLoopedTransformer itself (no second implementation).
+
+    python -m loop_lens.zoo.train khop-huginn            # trains, evaluates, writes the model + card
+    python -m loop_lens.zoo.train khop-ouro --steps 50 --out /tmp/x   # a quick, smaller run
+
+Deterministic for a given seed on one machine (CPU, fixed thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from loop_lens.config import LoopConfig
+from loop_lens.model.init import init_weights
+from loop_lens.model.looped import HookedLoopedTransformer
+from loop_lens.zoo import MODELS_DIR
+from loop_lens.zoo.task import SEQ_LEN, VOCAB, make_tokenizer, sample
+
+_COMMON = dict(d_model=64, n_heads=4, d_mlp=128, d_vocab=len(VOCAB), n_ctx=SEQ_LEN, norm_eps=1e-6)
+
+
+@dataclass
+class Recipe:
+    cfg: LoopConfig
+    train_hops: list[int]
+    loops: list[int]  # loop counts sampled per batch during training
+    steps: int
+    description: str
+    eval_loops: list[int] = field(default_factory=list)
+    lr: float = 3e-3
+    batch: int = 256
+    seed: int = 0
+
+
+RECIPES = {
+    "khop-huginn": Recipe(
+        cfg=LoopConfig(**_COMMON, family="native", model_name="khop-huginn", n_prelude=1, n_block=2, n_coda=1,
+                       default_loops=6, norm_placement="sandwich_resid", rope_style="adjacent", injection="linear",
+                       initial_state="trunc_normal", init_std=0.1, norm_after_loop=True, tie_embeddings=True),
+        train_hops=[1, 2, 3, 4, 5, 6], loops=[2, 3, 4, 5, 6, 7, 8], steps=3000,
+        description="Huginn-style (1, 2 x T, 1), linear injection, random start state; trained with 2-8 loops per batch",
+        eval_loops=[1, 2, 3, 4, 6, 8, 12, 16],
+    ),
+    "khop-ouro": Recipe(
+        cfg=LoopConfig(**_COMMON, family="native", model_name="khop-ouro", n_block=2, default_loops=4,
+                       norm_placement="sandwich", iter_norm=True, final_norm=False, exit_gate=True),
+        train_hops=[1, 2, 3, 4], loops=[4], steps=2500,
+        description="Ouro-style (0, 2 x 4, 0): sandwich norms, per-iteration norm, exit gate (Ouro's entropy-regularised objective)",
+        eval_loops=[1, 2, 3, 4, 6, 8],
+    ),
+    "khop-ff": Recipe(
+        cfg=LoopConfig(**_COMMON, family="native", model_name="khop-ff", n_block=8, default_loops=1, norm_placement="pre"),
+        train_hops=[1, 2, 3, 4], loops=[1], steps=2500,
+        description="feedforward baseline: 8 pre-norm layers, the depth of khop-ouro unrolled",
+        eval_loops=[1],
+    ),
+}
+
+
+def _answer_logits(model, tokens: torch.Tensor, n_loops: int, seed: Optional[int] = None) -> torch.Tensor:
+    return model(tokens, n_loops=n_loops, seed=seed)[:, -1]
+
+
+def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
+    """Ouro stage-I objective: sum_t p_t CE_t - beta * H(p), over the exit distribution."""
+    states, gates = [], []
+
+    def keep_state(x, hook):
+        states.append(x)
+
+    def keep_gate(x, hook):
+        gates.append(x)
+
+    hooks = [(f"iter.{t}.hook_state_post", keep_state) for t in range(n_loops)]
+    hooks += [(f"iter.{t}.hook_exit_logit", keep_gate) for t in range(n_loops)]
+    model.run_with_hooks(tokens, n_loops=n_loops, fwd_hooks=hooks, return_type=None)
+    p = model.exit_distribution(torch.stack(gates))[:, :, -1]  # [T, batch]
+    ce = torch.stack([F.cross_entropy(model.finish(s)[:, -1], answers, reduction="none") for s in states])
+    entropy = -(p * torch.log(p.clamp_min(1e-9))).sum(0)
+    return ((p * ce).sum(0) - beta * entropy).mean()
+
+
+@torch.no_grad()
+def evaluate(model, hops: list[int], loops: list[int], n: int = 512, seed: int = 1234) -> dict[str, float]:
+    """Held-out accuracy per (hops, n_loops): `{"k=3,T=4": 0.97, ...}`."""
+    model.eval()
+    out = {}
+    for k in hops:
+        batch = sample(n, [k], torch.Generator().manual_seed(seed + k), split="heldout")
+        for T in loops:
+            pred = _answer_logits(model, batch.tokens, T, seed=seed).argmax(-1)
+            out[f"k={k},T={T}"] = round((pred == batch.answers).float().mean().item(), 4)
+    return out
+
+
+def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, quiet: bool = False) -> dict:
+    recipe = RECIPES[name]
+    steps = recipe.steps if steps is None else steps
+    torch.manual_seed(recipe.seed)
+    model = HookedLoopedTransformer(recipe.cfg, tokenizer=make_tokenizer())
+    init_weights(model, seed=recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    g = torch.Generator().manual_seed(recipe.seed)
+    start = time.time()
+    bar = tqdm(range(steps), desc=f"train {name}", disable=quiet, mininterval=10)
+    for step in bar:
+        model.train()
+        batch = sample(recipe.batch, recipe.train_hops, g)
+        T = recipe.loops[int(torch.randint(len(recipe.loops), (1,), generator=g))]
+        if recipe.cfg.exit_gate:
+            loss = _ouro_loss(model, batch.tokens, batch.answers, T)
+        else:
+            logits = _answer_logits(model, batch.tokens, T, seed=int(torch.randint(2**31, (1,), generator=g)))
+            loss = F.cross_entropy(logits, batch.answers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", T=T)
+    wall = time.time() - start
+    eval_hops = sorted(set(recipe.train_hops) | {min(max(recipe.train_hops) + 1, 9), min(max(recipe.train_hops) + 2, 9)})
+    acc = evaluate(model, eval_hops, recipe.eval_loops)
+    card = {
+        "name": name,
+        "layout": recipe.cfg.layout,
+        "description": recipe.description,
+        "task": "k-hop pointer following over a 10-cycle (loop_lens.zoo.task)",
+        "trained": True,
+        "train_hops": recipe.train_hops,
+        "train_loops": recipe.loops,
+        "command": f"python -m loop_lens.zoo.train {name}" + ("" if steps == recipe.steps else f" --steps {steps}"),
+        "seed": recipe.seed,
+        "steps": steps,
+        "batch": recipe.batch,
+        "wall_time_s": round(wall, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "heldout_accuracy": acc,
+    }
+    target = out if out is not None else MODELS_DIR / name
+    model.save(target)
+    (Path(target) / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    if not quiet:
+        print_table(card)
+    return card
+
+
+def print_table(card: dict) -> None:
+    acc = card["heldout_accuracy"]
+    hops = sorted({int(k.split(",")[0][2:]) for k in acc})
+    loops = sorted({int(k.split(",")[1][2:]) for k in acc})
+    print(f"\n{card['name']} {card['layout']}: held-out accuracy (rows: hops k, columns: n_loops T)")
+    print("k \\ T " + "".join(f"{t:>7}" for t in loops))
+    for k in hops:
+        print(f"{k:<6}" + "".join(f"{acc[f'k={k},T={t}']:>7.3f}" for t in loops))
+    print(f"trained {card['steps']} steps in {card['wall_time_s']} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train a zoo model on the k-hop task.")
+    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the package's zoo)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for determinism)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train(args.name, steps=args.steps, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
