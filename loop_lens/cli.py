@@ -53,6 +53,64 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(spec: str) -> list[str]:
+    """A prompts argument: a file (one prompt per line, or a JSON list) or the text itself."""
+    from pathlib import Path
+
+    from loop_lens.adapters.io import LoadError
+
+    path = Path(spec)
+    looks_like_file = path.suffix in (".txt", ".json", ".jsonl") or "/" in spec
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            try:
+                prompts = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise LoadError(f"prompts file {path} is not valid JSON: {err}") from err
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise LoadError(f"prompts file {path} must hold a JSON list of strings")
+        else:
+            prompts = [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise LoadError(f"prompts file {path} holds no prompts")
+        return prompts
+    if looks_like_file:
+        raise LoadError(f"prompts file {spec} does not exist")
+    return [spec]
+
+
+def _report(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    import loop_lens as ll
+    from loop_lens.adapters.io import LoadError
+    from loop_lens.report import build_report
+
+    out = Path(args.out)
+    for target in filter(None, [out, Path(args.json) if args.json else None]):
+        if target.exists() and target.is_dir():
+            raise LoadError(f"cannot write {target}: it is a directory")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise LoadError(f"cannot write {target}: directory {parent} does not exist")
+        import os
+
+        if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise LoadError(f"cannot write {target}: permission denied")
+    prompts = _read_prompts(args.prompts)
+    model = ll.load(args.model, family=args.family)
+    if model.tokenizer is None:
+        raise LoadError(f"{args.model} carries no tokenizer (tokenizer.json); the report needs text prompts it can tokenize")
+    command = "loop-lens " + " ".join(shlex.quote(a) for a in args.argv)
+    report = build_report(model, prompts, n_loops=args.n_loops, model_name=args.model, command=command,
+                          position=args.position, seed=args.seed, progress=not args.quiet)
+    report.save(out, json_path=args.json)
+    print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
+    return 0
+
+
 def _zoo_list(args: argparse.Namespace) -> int:
     from loop_lens import zoo
 
@@ -82,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("report", help="write a standalone HTML head-stability report (opens offline)")
+    p.add_argument("model", help="checkpoint directory or zoo:<name>")
+    p.add_argument("--prompts", required=True, help="a prompt, or a file: one prompt per line (.txt) or a JSON list")
+    p.add_argument("--n-loops", type=int, default=None, help="iterations to run (default: the model's own)")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--json", default=None, help="also write the numbers as JSON to this file")
+    p.add_argument("--position", type=int, default=-1, help="position for the logit lens and trajectory (default: last)")
+    p.add_argument("--seed", type=int, default=0, help="seed for a random initial state")
+    p.add_argument("--family", default=None, help="override family detection")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("zoo", help="the tiny models shipped in the package")
     zsub = p.add_subparsers(dest="zoo_command", required=True)
     z = zsub.add_parser("list", help="list shipped models with their cards")
@@ -91,13 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from loop_lens.adapters.io import LoadError
     from loop_lens.config import ConfigError
 
     try:
         return args.func(args)
-    except (LoadError, ConfigError, OSError) as err:
+    except (LoadError, ConfigError, OSError, ValueError) as err:
         print(f"loop-lens: error: {err}", file=sys.stderr)
         return 1
 

@@ -13,6 +13,7 @@ from loop_lens.config import LoopConfig
 from loop_lens.model.init import init_weights
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.zoo import MODELS_DIR
+from loop_lens.zoo.task import make_tokenizer
 
 CONFIG = LoopConfig(
     family="native", model_name="tiny-random", d_model=64, n_heads=4, d_mlp=128, d_vocab=64,
@@ -24,12 +25,12 @@ CONFIG = LoopConfig(
 
 def main() -> None:
     torch.manual_seed(0)
-    model = HookedLoopedTransformer(CONFIG)
+    model = HookedLoopedTransformer(CONFIG, tokenizer=make_tokenizer())
     init_weights(model, seed=0)
     out = model.save(MODELS_DIR / "tiny-random")
     card = {
         "name": "tiny-random", "layout": CONFIG.layout, "trained": False,
-        "description": "random Huginn-style weights (seed 0); no tokenizer; for smoke tests and demos",
+        "description": "random Huginn-style weights (seed 0), the k-hop task's character tokenizer; for smoke tests and demos",
         "command": "python -m loop_lens.zoo.make_random",
     }
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
