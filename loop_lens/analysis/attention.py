@@ -27,13 +27,13 @@ HEAD_TYPES = ("previous_token", "induction", "first_token", "diagonal")
 def _n(pattern: Tensor, mask: Optional[Tensor]) -> Tensor:
     if mask is None:
         return torch.full(pattern.shape[:-2], pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
-    n = mask.sum(-1).to(pattern.dtype)  # [B]
-    return n.view(*n.shape, *([1] * (pattern.ndim - 3))).expand(pattern.shape[:-2]) if pattern.ndim > 3 else n
+    n = mask.sum(-1).to(pattern.dtype)  # [B]; patterns are [..., B, H, q, k]
+    return n.view(-1, 1).expand(pattern.shape[:-2])
 
 
 def _query_mask(pattern: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """[..., q, 1] weights: 1 for real query rows. `mask` is [B, S] and pattern [..., B, H, q, k]
-    or [B, H, q, k] / [q, k] when unbatched."""
+    """[..., q, 1] weights: 1 for real query rows. `mask` is [B, S]; with a mask, patterns are
+    [..., B, H, q, k]."""
     if mask is None:
         return torch.ones(*pattern.shape[:-1], 1, dtype=pattern.dtype, device=pattern.device)
     m = mask.to(pattern.dtype)[:, None, :, None]  # [B, 1, q, 1]
