@@ -1,6 +1,6 @@
 """loop_lens: TransformerLens-style interpretability for looped language models."""
 
-from loop_lens import analysis, zoo
+from loop_lens import analysis, viz, zoo
 from loop_lens.adapters import KNOWN_FAMILIES, LoadError, from_bridge, from_hf, load, loop
 from loop_lens.cache import LoopCache
 from loop_lens.config import ConfigError, LoopConfig
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "analysis",
+    "viz",
     "zoo",
     "HookedLoopedTransformer",
     "KNOWN_FAMILIES",

@@ -5,6 +5,7 @@ the tensors, a tidy `to_frame()` and a `plot()`. Iterations are counted from 0 (
 counts from 1).
 """
 
+from loop_lens.analysis import streaming
 from loop_lens.analysis.attention import (
     AttentionStability,
     attention_stability,
@@ -35,5 +36,5 @@ __all__ = [
     "SweepResult", "TokenClasses", "Trajectory", "aggregate", "attention_stability", "classify_tokens",
     "coda_lens", "colsum_concentration", "cyclic_similarity", "depth_profile", "fixed_points",
     "head_type_scores", "iter_batches", "js_divergence_rows", "logit_lens", "logit_lens_of_states",
-    "mixing_score", "over_prompts", "pca_trajectory", "random_init_sweep", "sink_score", "step_sizes",
+    "mixing_score", "over_prompts", "pca_trajectory", "random_init_sweep", "sink_score", "step_sizes", "streaming",
 ]

@@ -1,14 +1,14 @@
 """The k-hop pointer task: follow a pointer k times through a cycle over ten letters.
 
-A prompt lists, for each letter a..j in order, the letter it points to (the pointers form one
-10-cycle, so k hops from x never return to x for k < 10), then asks `|x k=`: the answer is the
-letter reached from x after k hops. Each hop needs the previous one, so k hops need k
-sequential lookups.
+A prompt lists the ten pointers as "source target" pairs in random order (the pointers form one
+10-cycle, so k hops from x never return to x for k < 10), then asks `QUERIES` questions
+`| x k = answer`: the answer is the letter reached from x after k hops. Each hop needs the
+previous one, so k hops need k sequential lookups (an induction-style match on the source letter).
 
-    <bos> j h d e i b a c g f | a 3 =   ->   b      (a -> j -> f -> b)
+    <bos> a j f b b i ... | a 3 = b | c 1 = ...      (a -> j -> f -> b)
 
 Examples are split into train and held-out by a hash of the cycle, so held-out cycles never
-appear in training.
+appear in training. The model is trained on the token after each `=`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ SPECIALS = ["<pad>", "<bos>"]
 VOCAB = SPECIALS + list(LETTERS) + list(DIGITS) + ["|", "="]
 TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 N = len(LETTERS)
-SEQ_LEN = 1 + N + 4  # <bos>, targets, "|", start, hops, "="
+QUERIES = 4
+PREFIX = 1 + 2 * N  # <bos> and the pairs
+SEQ_LEN = PREFIX + 5 * QUERIES  # each query: "|", start, hops, "=", answer
+ANSWER_FROM = [PREFIX + 5 * q + 3 for q in range(QUERIES)]  # positions whose next token is an answer
 MAX_HOPS = len(DIGITS)
 
 
@@ -33,7 +36,9 @@ def make_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     tok = Tokenizer(models.WordLevel(vocab=TOKEN_ID, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\S"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+    )
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", TOKEN_ID["<bos>"])])
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(["<pad>", "<bos>"])
@@ -43,8 +48,8 @@ def make_tokenizer():
 @dataclass
 class Batch:
     tokens: Tensor  # [n, SEQ_LEN]
-    answers: Tensor  # [n] token ids
-    hops: Tensor  # [n]
+    answers: Tensor  # [n, QUERIES] token ids (also present in `tokens`, after each "=")
+    hops: Tensor  # [n, QUERIES]
 
     def text(self, i: int) -> str:
         return " ".join(VOCAB[t] for t in self.tokens[i].tolist()[1:])
@@ -61,10 +66,9 @@ def _cycle_split(order: Tensor) -> Tensor:
 
 
 def sample(n: int, hops: list[int] | range, generator: torch.Generator, split: str = "train") -> Batch:
-    """`n` examples with hop counts drawn uniformly from `hops`, from the given split."""
+    """`n` prompts; each query's hop count is drawn uniformly from `hops`; starts are distinct."""
     want = {"train": 0, "heldout": 1}[split]
-    orders = []
-    have = 0
+    orders, have = [], 0
     while have < n:
         order = torch.argsort(torch.rand(4 * n + 64, N, generator=generator), dim=1)
         order = order[_cycle_split(order) == want]
@@ -73,28 +77,25 @@ def sample(n: int, hops: list[int] | range, generator: torch.Generator, split: s
     order = torch.cat(orders)[:n]  # order[i] = the cycle as a sequence of letter indices
     pos = torch.argsort(order, dim=1)  # pos[i, letter] = where the letter sits in the cycle
     target = order.gather(1, (pos + 1) % N)  # target[i, letter] = the letter it points to
-    start = torch.randint(0, N, (n,), generator=generator)
-    hop_choices = torch.tensor(list(hops))
-    k = hop_choices[torch.randint(0, len(hop_choices), (n,), generator=generator)]
-    answer = order.gather(1, ((pos.gather(1, start[:, None])[:, 0] + k) % N)[:, None])[:, 0]
+    listing = torch.argsort(torch.rand(n, N, generator=generator), dim=1)  # the order pairs are listed in
     letter0, digit0 = TOKEN_ID["a"], TOKEN_ID["1"]
-    tokens = torch.cat(
-        [
-            torch.full((n, 1), TOKEN_ID["<bos>"]),
-            target + letter0,
-            torch.full((n, 1), TOKEN_ID["|"]),
-            (start + letter0)[:, None],
-            (k - 1 + digit0)[:, None],
-            torch.full((n, 1), TOKEN_ID["="]),
-        ],
-        dim=1,
-    )
-    return Batch(tokens=tokens, answers=answer + letter0, hops=k)
+    pairs = torch.stack([listing, target.gather(1, listing)], dim=-1).reshape(n, 2 * N) + letter0
+    starts = torch.argsort(torch.rand(n, N, generator=generator), dim=1)[:, :QUERIES]
+    hop_choices = torch.tensor(list(hops))
+    k = hop_choices[torch.randint(0, len(hop_choices), (n, QUERIES), generator=generator)]
+    answers = order.gather(1, (pos.gather(1, starts) + k) % N)
+    column = lambda v: torch.full((n, 1), TOKEN_ID[v])  # noqa: E731
+    parts = [column("<bos>"), pairs]
+    for q in range(QUERIES):
+        parts += [column("|"), starts[:, q : q + 1] + letter0, k[:, q : q + 1] - 1 + digit0, column("="), answers[:, q : q + 1] + letter0]
+    return Batch(tokens=torch.cat(parts, dim=1), answers=answers + letter0, hops=k)
 
 
-def follow(text_targets: str, start: str, k: int) -> str:
-    """Reference answer by hand: follow the pointers in `text_targets` (targets of a..j)."""
+def follow(pairs: str, start: str, k: int) -> str:
+    """Reference answer by hand: follow the "source target" pairs (e.g. "a j f b ...") k times."""
+    letters = pairs.split()
+    pointer = dict(zip(letters[0::2], letters[1::2]))
     x = start
     for _ in range(k):
-        x = text_targets[LETTERS.index(x)]
+        x = pointer[x]
     return x

@@ -25,7 +25,7 @@ from loop_lens.config import LoopConfig
 from loop_lens.model.init import init_weights
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.zoo import MODELS_DIR
-from loop_lens.zoo.task import SEQ_LEN, VOCAB, make_tokenizer, sample
+from loop_lens.zoo.task import ANSWER_FROM, SEQ_LEN, VOCAB, make_tokenizer, sample
 
 _COMMON = dict(d_model=64, n_heads=4, d_mlp=128, d_vocab=len(VOCAB), n_ctx=SEQ_LEN, norm_eps=1e-6)
 
@@ -38,8 +38,8 @@ class Recipe:
     steps: int
     description: str
     eval_loops: list[int] = field(default_factory=list)
-    lr: float = 3e-3
-    batch: int = 256
+    lr: float = 1e-3
+    batch: int = 128
     seed: int = 0
 
 
@@ -47,21 +47,21 @@ RECIPES = {
     "khop-huginn": Recipe(
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-huginn", n_prelude=1, n_block=2, n_coda=1,
                        default_loops=6, norm_placement="sandwich_resid", rope_style="adjacent", injection="linear",
-                       initial_state="trunc_normal", init_std=0.1, norm_after_loop=True, tie_embeddings=True),
-        train_hops=[1, 2, 3, 4, 5, 6], loops=[2, 3, 4, 5, 6, 7, 8], steps=3000,
-        description="Huginn-style (1, 2 x T, 1), linear injection, random start state; trained with 2-8 loops per batch",
-        eval_loops=[1, 2, 3, 4, 6, 8, 12, 16],
+                       initial_state="trunc_normal", init_std=0.02, norm_after_loop=True, tie_embeddings=True),
+        train_hops=[1, 2, 3, 4], loops=[2, 3, 4, 5, 6], steps=2800,
+        description="Huginn-style (1, 2 x T, 1), linear injection, random start state; trained with 2-6 loops per batch",
+        eval_loops=[1, 2, 3, 4, 6, 8, 12],
     ),
     "khop-ouro": Recipe(
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-ouro", n_block=2, default_loops=4,
                        norm_placement="sandwich", iter_norm=True, final_norm=False, exit_gate=True),
-        train_hops=[1, 2, 3, 4], loops=[4], steps=2500,
+        train_hops=[1, 2, 3, 4], loops=[4], steps=2400,
         description="Ouro-style (0, 2 x 4, 0): sandwich norms, per-iteration norm, exit gate (Ouro's entropy-regularised objective)",
         eval_loops=[1, 2, 3, 4, 6, 8],
     ),
     "khop-ff": Recipe(
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-ff", n_block=8, default_loops=1, norm_placement="pre"),
-        train_hops=[1, 2, 3, 4], loops=[1], steps=2500,
+        train_hops=[1, 2, 3, 4], loops=[1], steps=3000,
         description="feedforward baseline: 8 pre-norm layers, the depth of khop-ouro unrolled",
         eval_loops=[1],
     ),
@@ -69,7 +69,14 @@ RECIPES = {
 
 
 def _answer_logits(model, tokens: torch.Tensor, n_loops: int, seed: Optional[int] = None) -> torch.Tensor:
-    return model(tokens, n_loops=n_loops, seed=seed)[:, -1]
+    """Logits at every position whose next token is an answer: [batch, QUERIES, vocab]."""
+    return model(tokens, n_loops=n_loops, seed=seed)[:, ANSWER_FROM]
+
+
+def _curriculum(hops: list[int], step: int, steps: int) -> list[int]:
+    """One hop count more every 15% of training, all of them for the last 40%."""
+    allowed = 1 + int(step / (0.15 * steps))
+    return [h for h in hops if h <= allowed] or hops[:1]
 
 
 def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
@@ -85,15 +92,18 @@ def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
     hooks = [(f"iter.{t}.hook_state_post", keep_state) for t in range(n_loops)]
     hooks += [(f"iter.{t}.hook_exit_logit", keep_gate) for t in range(n_loops)]
     model.run_with_hooks(tokens, n_loops=n_loops, fwd_hooks=hooks, return_type=None)
-    p = model.exit_distribution(torch.stack(gates))[:, :, -1]  # [T, batch]
-    ce = torch.stack([F.cross_entropy(model.finish(s)[:, -1], answers, reduction="none") for s in states])
+    p = model.exit_distribution(torch.stack(gates))[:, :, ANSWER_FROM]  # [T, batch, QUERIES]
+    ce = torch.stack([
+        F.cross_entropy(model.finish(s)[:, ANSWER_FROM].flatten(0, 1), answers.flatten(), reduction="none").view_as(answers)
+        for s in states
+    ])
     entropy = -(p * torch.log(p.clamp_min(1e-9))).sum(0)
     return ((p * ce).sum(0) - beta * entropy).mean()
 
 
 @torch.no_grad()
-def evaluate(model, hops: list[int], loops: list[int], n: int = 512, seed: int = 1234) -> dict[str, float]:
-    """Held-out accuracy per (hops, n_loops): `{"k=3,T=4": 0.97, ...}`."""
+def evaluate(model, hops: list[int], loops: list[int], n: int = 256, seed: int = 1234) -> dict[str, float]:
+    """Held-out accuracy per (hops, n_loops) over n prompts x QUERIES questions: `{"k=3,T=4": 0.97}`."""
     model.eval()
     out = {}
     for k in hops:
@@ -120,13 +130,13 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
     bar = tqdm(range(steps), desc=f"train {name}", disable=quiet, mininterval=10)
     for step in bar:
         model.train()
-        batch = sample(recipe.batch, recipe.train_hops, g)
+        batch = sample(recipe.batch, _curriculum(recipe.train_hops, step, steps), g)
         T = recipe.loops[int(torch.randint(len(recipe.loops), (1,), generator=g))]
         if recipe.cfg.exit_gate:
             loss = _ouro_loss(model, batch.tokens, batch.answers, T)
         else:
             logits = _answer_logits(model, batch.tokens, T, seed=int(torch.randint(2**31, (1,), generator=g)))
-            loss = F.cross_entropy(logits, batch.answers)
+            loss = F.cross_entropy(logits.flatten(0, 1), batch.answers.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -141,7 +151,9 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "name": name,
         "layout": recipe.cfg.layout,
         "description": recipe.description,
-        "task": "k-hop pointer following over a 10-cycle (loop_lens.zoo.task)",
+        "task": "k-hop pointer following over a 10-cycle, 4 questions per prompt (loop_lens.zoo.task)",
+        "curriculum": "hop counts added one at a time every 15% of the steps",
+        "lr": recipe.lr,
         "trained": True,
         "train_hops": recipe.train_hops,
         "train_loops": recipe.loops,
