@@ -132,8 +132,11 @@ class UnrolledView:
         return self.model.W_U
 
     def tokens_to_residual_directions(self, tokens: Any) -> Tensor:
+        """Unembedding directions with the final norm's weight folded in (TL folds it into W_U),
+        so `logit_attrs` of a normalised decomposition sums to the logit."""
         tokens = torch.as_tensor(tokens, device=self.model.device)
-        return self.model.W_U[:, tokens].movedim(0, -1)
+        folded = self.model.W_U * self.model.ln_final.weight[:, None]
+        return folded[:, tokens].movedim(0, -1)
 
     def to_single_token(self, string: str) -> int:
         ids = self.model.to_tokens(string, prepend_bos=False)[0]

@@ -48,7 +48,7 @@ RECIPES = {
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-huginn", n_prelude=1, n_block=2, n_coda=1,
                        default_loops=6, norm_placement="sandwich_resid", rope_style="adjacent", injection="linear",
                        initial_state="trunc_normal", init_std=0.02, norm_after_loop=True, tie_embeddings=True),
-        train_hops=[1, 2, 3, 4], loops=[2, 3, 4, 5, 6], steps=2800,
+        train_hops=[1, 2, 3, 4], loops=[2, 3, 4, 5, 6], steps=3000,
         description="Huginn-style (1, 2 x T, 1), linear injection, random start state; trained with 2-6 loops per batch",
         eval_loops=[1, 2, 3, 4, 6, 8, 12],
     ),
@@ -73,10 +73,24 @@ def _answer_logits(model, tokens: torch.Tensor, n_loops: int, seed: Optional[int
     return model(tokens, n_loops=n_loops, seed=seed)[:, ANSWER_FROM]
 
 
-def _curriculum(hops: list[int], step: int, steps: int) -> list[int]:
-    """One hop count more every 15% of training, all of them for the last 40%."""
-    allowed = 1 + int(step / (0.15 * steps))
-    return [h for h in hops if h <= allowed] or hops[:1]
+class Curriculum:
+    """Hop counts are added one at a time: the next once the running training accuracy on the
+    current ones exceeds `threshold`. Deterministic given the training trajectory."""
+
+    def __init__(self, hops: list[int], threshold: float = 0.9, decay: float = 0.95):
+        self.hops, self.level, self.threshold, self.decay, self.acc = sorted(hops), 1, threshold, decay, 0.0
+        self.log: list[tuple[int, int]] = []  # (step, level) when a level was reached
+
+    @property
+    def current(self) -> list[int]:
+        return self.hops[: self.level]
+
+    def update(self, step: int, accuracy: float) -> None:
+        self.acc = self.decay * self.acc + (1 - self.decay) * accuracy
+        if self.acc > self.threshold and self.level < len(self.hops):
+            self.level += 1
+            self.acc = 0.0
+            self.log.append((step, self.level))
 
 
 def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
@@ -93,12 +107,10 @@ def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
     hooks += [(f"iter.{t}.hook_exit_logit", keep_gate) for t in range(n_loops)]
     model.run_with_hooks(tokens, n_loops=n_loops, fwd_hooks=hooks, return_type=None)
     p = model.exit_distribution(torch.stack(gates))[:, :, ANSWER_FROM]  # [T, batch, QUERIES]
-    ce = torch.stack([
-        F.cross_entropy(model.finish(s)[:, ANSWER_FROM].flatten(0, 1), answers.flatten(), reduction="none").view_as(answers)
-        for s in states
-    ])
+    step_logits = [model.finish(s)[:, ANSWER_FROM] for s in states]
+    ce = torch.stack([F.cross_entropy(lg.flatten(0, 1), answers.flatten(), reduction="none").view_as(answers) for lg in step_logits])
     entropy = -(p * torch.log(p.clamp_min(1e-9))).sum(0)
-    return ((p * ce).sum(0) - beta * entropy).mean()
+    return ((p * ce).sum(0) - beta * entropy).mean(), step_logits[-1]
 
 
 @torch.no_grad()
@@ -114,7 +126,8 @@ def evaluate(model, hops: list[int], loops: list[int], n: int = 256, seed: int =
     return out
 
 
-def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, quiet: bool = False) -> dict:
+def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, quiet: bool = False, eval_n: int = 256) -> dict:
+    """Train one recipe, evaluate it on held-out cycles, save the model and its card."""
     recipe = RECIPES[name]
     steps = recipe.steps if steps is None else steps
     torch.manual_seed(recipe.seed)
@@ -127,32 +140,36 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
     )
     g = torch.Generator().manual_seed(recipe.seed)
     start = time.time()
+    curriculum = Curriculum(recipe.train_hops)
     bar = tqdm(range(steps), desc=f"train {name}", disable=quiet, mininterval=10)
     for step in bar:
         model.train()
-        batch = sample(recipe.batch, _curriculum(recipe.train_hops, step, steps), g)
-        T = recipe.loops[int(torch.randint(len(recipe.loops), (1,), generator=g))]
+        batch = sample(recipe.batch, curriculum.current, g)
+        loops = [t for t in recipe.loops if t <= curriculum.level + 2] or recipe.loops[:1]
+        T = loops[int(torch.randint(len(loops), (1,), generator=g))]
         if recipe.cfg.exit_gate:
-            loss = _ouro_loss(model, batch.tokens, batch.answers, T)
+            loss, logits = _ouro_loss(model, batch.tokens, batch.answers, T)
         else:
             logits = _answer_logits(model, batch.tokens, T, seed=int(torch.randint(2**31, (1,), generator=g)))
             loss = F.cross_entropy(logits.flatten(0, 1), batch.answers.flatten())
+        curriculum.update(step, (logits.argmax(-1) == batch.answers).float().mean().item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", T=T)
+            bar.set_postfix(loss=f"{loss.item():.3f}", T=T, hops=curriculum.level, acc=f"{curriculum.acc:.2f}")
     wall = time.time() - start
     eval_hops = sorted(set(recipe.train_hops) | {min(max(recipe.train_hops) + 1, 9), min(max(recipe.train_hops) + 2, 9)})
-    acc = evaluate(model, eval_hops, recipe.eval_loops)
+    acc = evaluate(model, eval_hops, recipe.eval_loops, n=eval_n)
     card = {
         "name": name,
         "layout": recipe.cfg.layout,
         "description": recipe.description,
         "task": "k-hop pointer following over a 10-cycle, 4 questions per prompt (loop_lens.zoo.task)",
-        "curriculum": "hop counts added one at a time every 15% of the steps",
+        "curriculum": "hop counts added one at a time once the running training accuracy passes 90%; loops drawn from those <= hops + 2",
+        "curriculum_levels": curriculum.log,
         "lr": recipe.lr,
         "trained": True,
         "train_hops": recipe.train_hops,
