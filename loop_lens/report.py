@@ -166,7 +166,7 @@ def build_report(
     sim = cyclic_similarity(cache, mask=m)
     steps_bar.update()
     stab = attention_stability(model, cache, tokens, mask=m)
-    table = stab.table(tol=stabilisation_tol, resid_tol=convergence_tol)
+    table = stab.table(tol=stabilisation_tol)
     steps_bar.update()
     lens = logit_lens(model, cache, mask=m)
     steps_bar.update()

@@ -273,3 +273,14 @@ def test_bf16_forward_is_close_to_fp32(tokens):
     out = model.to(torch.bfloat16)(tokens, seed=0)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_cache_options_keep_caches_small(tokens):
+    model = tiny_model("huginn")
+    _, full = model.run_with_cache(tokens, n_loops=3, seed=0)
+    _, small = model.run_with_cache(tokens, n_loops=3, seed=0, pos_slice=-1, cache_dtype=torch.float16, device="cpu",
+                                    names_filter=lambda n: n.endswith(("hook_resid_post", "hook_pattern")))
+    resid = small["iter.2.blocks.1.hook_resid_post"]
+    assert resid.dtype == torch.float16 and resid.shape == (2, 1, 32)
+    torch.testing.assert_close(resid.float(), full["iter.2.blocks.1.hook_resid_post"][:, -1:], atol=1e-2, rtol=1e-2)
+    assert small["iter.0.blocks.0.attn.hook_pattern"].shape == (2, 4, 1, 7)  # the last query row only

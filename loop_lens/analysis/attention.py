@@ -135,11 +135,11 @@ class AttentionStability(Result):
         best = scores.argmax(0)
         return [[HEAD_TYPES[i] for i in row] for row in best.tolist()]
 
-    def table(self, tol: float = 1e-2, resid_tol: float = 1e-3) -> pd.DataFrame:
-        """The head-stability report: one row per (layer, head)."""
+    def table(self, tol: float = 1e-2) -> pd.DataFrame:
+        """The head-stability report: one row per (layer, head); `final_resid_step` is the layer
+        input's last step ||X_{T-1} - X_{T-2}|| (batch mean), beside the pattern's last change."""
         stab = self.stabilisation_iteration(tol).float()
         stab = torch.where(stab < 0, torch.full_like(stab, float("nan")), stab).nanmedian(1).values  # [L, H]
-        resid_rel = self.resid_step  # absolute; convergence is judged on the relative step below
         types = self.head_type(-1)
         L, H = self.kappa.shape
         rows = []
@@ -155,7 +155,7 @@ class AttentionStability(Result):
                     sink_score=float(self.sink[-1, layer, :, head].mean()),
                     mixing=float(self.mixing[-1, layer, :, head].mean()),
                     final_change=float(self.change_frobenius[-1, layer, :, head].mean()),
-                    final_resid_step=float(resid_rel[-1, layer].mean()),
+                    final_resid_step=float(self.resid_step[-1, layer].mean()),
                     kappa=float(self.kappa[layer, head]),
                 ))
         return pd.DataFrame(rows)

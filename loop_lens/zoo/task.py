@@ -66,7 +66,10 @@ def _cycle_split(order: Tensor) -> Tensor:
 
 
 def sample(n: int, hops: list[int] | range, generator: torch.Generator, split: str = "train") -> Batch:
-    """`n` prompts; each query's hop count is drawn uniformly from `hops`; starts are distinct."""
+    """`n` prompts; each question's start letter and hop count are drawn uniformly (with
+    replacement, so a later question can repeat an earlier start: copying an earlier answer is
+    then a shortcut, which helps training find the lookup; evaluation scores the first question
+    of each prompt only, where no shortcut exists)."""
     want = {"train": 0, "heldout": 1}[split]
     orders, have = [], 0
     while have < n:
@@ -80,7 +83,7 @@ def sample(n: int, hops: list[int] | range, generator: torch.Generator, split: s
     listing = torch.argsort(torch.rand(n, N, generator=generator), dim=1)  # the order pairs are listed in
     letter0, digit0 = TOKEN_ID["a"], TOKEN_ID["1"]
     pairs = torch.stack([listing, target.gather(1, listing)], dim=-1).reshape(n, 2 * N) + letter0
-    starts = torch.argsort(torch.rand(n, N, generator=generator), dim=1)[:, :QUERIES]
+    starts = torch.randint(0, N, (n, QUERIES), generator=generator)
     hop_choices = torch.tensor(list(hops))
     k = hop_choices[torch.randint(0, len(hop_choices), (n, QUERIES), generator=generator)]
     answers = order.gather(1, (pos.gather(1, starts) + k) % N)

@@ -41,6 +41,7 @@ class Recipe:
     lr: float = 1e-3
     batch: int = 128
     seed: int = 0
+    schedule: str = "constant"  # or "cosine" (linear warmup, cosine decay)
 
 
 RECIPES = {
@@ -61,7 +62,7 @@ RECIPES = {
     ),
     "khop-ff": Recipe(
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-ff", n_block=8, default_loops=1, norm_placement="pre"),
-        train_hops=[1, 2, 3, 4], loops=[1], steps=3000,
+        train_hops=[1, 2, 3, 4], loops=[1], steps=3000, lr=3e-3,
         description="feedforward baseline: 8 pre-norm layers, the depth of khop-ouro unrolled",
         eval_loops=[1],
     ),
@@ -114,15 +115,15 @@ def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
 
 
 @torch.no_grad()
-def evaluate(model, hops: list[int], loops: list[int], n: int = 256, seed: int = 1234) -> dict[str, float]:
-    """Held-out accuracy per (hops, n_loops) over n prompts x QUERIES questions: `{"k=3,T=4": 0.97}`."""
+def evaluate(model, hops: list[int], loops: list[int], n: int = 512, seed: int = 1234) -> dict[str, float]:
+    """Held-out accuracy per (hops, n_loops) on the first question of n prompts: `{"k=3,T=4": 0.97}`."""
     model.eval()
     out = {}
     for k in hops:
         batch = sample(n, [k], torch.Generator().manual_seed(seed + k), split="heldout")
         for T in loops:
-            pred = _answer_logits(model, batch.tokens, T, seed=seed).argmax(-1)
-            out[f"k={k},T={T}"] = round((pred == batch.answers).float().mean().item(), 4)
+            pred = _answer_logits(model, batch.tokens, T, seed=seed)[:, 0].argmax(-1)
+            out[f"k={k},T={T}"] = round((pred == batch.answers[:, 0]).float().mean().item(), 4)
     return out
 
 
@@ -135,11 +136,14 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
     init_weights(model, seed=recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    if recipe.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     g = torch.Generator().manual_seed(recipe.seed)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     curriculum = Curriculum(recipe.train_hops)
     bar = tqdm(range(steps), desc=f"train {name}", disable=quiet, mininterval=10)
     for step in bar:
@@ -160,7 +164,7 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", T=T, hops=curriculum.level, acc=f"{curriculum.acc:.2f}")
-    wall = time.time() - start
+    wall, cpu = time.time() - start, time.process_time() - cpu_start
     eval_hops = sorted(set(recipe.train_hops) | {min(max(recipe.train_hops) + 1, 9), min(max(recipe.train_hops) + 2, 9)})
     acc = evaluate(model, eval_hops, recipe.eval_loops, n=eval_n)
     card = {
@@ -171,14 +175,16 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "curriculum": "hop counts added one at a time once the running training accuracy passes 90%; loops drawn from those <= hops + 2",
         "curriculum_levels": curriculum.log,
         "lr": recipe.lr,
+        "schedule": recipe.schedule,
         "trained": True,
         "train_hops": recipe.train_hops,
         "train_loops": recipe.loops,
-        "command": f"python -m loop_lens.zoo.train {name}" + ("" if steps == recipe.steps else f" --steps {steps}"),
+        "command": f"python -m loop_lens.zoo.train {name} --threads {torch.get_num_threads()}" + ("" if steps == recipe.steps else f" --steps {steps}"),
         "seed": recipe.seed,
         "steps": steps,
         "batch": recipe.batch,
         "wall_time_s": round(wall, 1),
+        "cpu_time_s": round(cpu, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "n_params": sum(p.numel() for p in model.parameters()),
         "heldout_accuracy": acc,

@@ -1,0 +1,59 @@
+"""Write docs/zoo.md from the shipped models' cards: `python -m loop_lens.zoo.docs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loop_lens import zoo
+
+HEADER = """# The zoo: tiny looped models shipped in the package
+
+Load offline with `ll.load("zoo:<name>")`; `ll.zoo.list()` returns the cards. All are trained on
+the k-hop pointer task (`loop_lens/zoo/task.py`): a prompt lists ten `source target` pointers
+forming one 10-cycle, then asks four questions `| x k =`, "where do you land after k hops from
+x?". Held-out accuracy is measured on cycles that never appear in training (split by a hash of
+the cycle), on the first question of 512 prompts per cell (later questions may repeat a start letter). Training: `python -m loop_lens.zoo.train NAME`
+(CPU, deterministic for a seed and thread count); this page: `python -m loop_lens.zoo.docs`.
+"""
+
+
+def table(card: dict) -> str:
+    acc = card.get("heldout_accuracy", {})
+    if not acc:
+        return ""
+    hops = sorted({int(k.split(",")[0][2:]) for k in acc})
+    loops = sorted({int(k.split(",")[1][2:]) for k in acc})
+    lines = ["| hops k, n_loops T → | " + " | ".join(str(t) for t in loops) + " |", "|---" * (len(loops) + 1) + "|"]
+    for k in hops:
+        trained = " (trained)" if k in card.get("train_hops", []) else ""
+        lines.append(f"| {k}{trained} | " + " | ".join(f"{acc[f'k={k},T={t}']:.3f}" for t in loops) + " |")
+    return "\n".join(lines)
+
+
+def render() -> str:
+    parts = [HEADER]
+    for card in zoo.list():
+        parts.append(f"## zoo:{card['name']}\n")
+        parts.append(f"{card.get('description', '')}\n")
+        rows = [("layout", card.get("layout")), ("trained", card.get("trained")), ("command", f"`{card.get('command')}`"),
+                ("seed", card.get("seed")), ("steps", card.get("steps")), ("batch", card.get("batch")), ("lr", card.get("lr")),
+                ("wall time", f"{card['wall_time_s']} s" if "wall_time_s" in card else None), ("machine", card.get("machine")),
+                ("parameters", card.get("n_params")), ("trained hops", card.get("train_hops")), ("loops per batch", card.get("train_loops")),
+                ("curriculum", card.get("curriculum")), ("curriculum levels reached (step, level)", card.get("curriculum_levels"))]
+        parts.append("\n".join(f"- {k}: {v}" for k, v in rows if v is not None) + "\n")
+        t = table(card)
+        if t:
+            parts.append("Held-out accuracy:\n\n" + t + "\n")
+        if card.get("notes"):
+            parts.append(card["notes"] + "\n")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    out = Path(__file__).resolve().parents[2] / "docs" / "zoo.md"
+    out.write_text(render())
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
