@@ -57,7 +57,7 @@ def test_shipped_weights_reach_the_accuracy_on_their_card(name):
     card = zoo.card(name)
     model = ll.load(f"zoo:{name}")
     T = model.cfg.default_loops
-    got = evaluate(model, card["train_hops"], [T])  # the card's own held-out set (same seed and size)
+    got = evaluate(model, card["train_hops"], [T], n=card["eval_prompts"], seed=card["eval_seed"])  # the card's own held-out set
     for k in card["train_hops"]:
         assert abs(got[f"k={k},T={T}"] - card["heldout_accuracy"][f"k={k},T={T}"]) <= 0.01, (k, got)
 

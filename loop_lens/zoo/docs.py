@@ -12,7 +12,7 @@ Load offline with `ll.load("zoo:<name>")`; `ll.zoo.list()` returns the cards. Al
 the k-hop pointer task (`loop_lens/zoo/task.py`): a prompt lists ten `source target` pointers
 forming one 10-cycle, then asks four questions `| x k =`, "where do you land after k hops from
 x?". Held-out accuracy is measured on cycles that never appear in training (split by a hash of
-the cycle), on the first question of 512 prompts per cell (later questions may repeat a start letter). Training: `python -m loop_lens.zoo.train NAME`
+the cycle), on the first question of 256 prompts per cell (later questions may repeat a start letter). Training: `python -m loop_lens.zoo.train NAME`
 (CPU, deterministic for a seed and thread count); this page: `python -m loop_lens.zoo.docs`.
 """
 

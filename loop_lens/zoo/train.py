@@ -115,7 +115,7 @@ def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
 
 
 @torch.no_grad()
-def evaluate(model, hops: list[int], loops: list[int], n: int = 512, seed: int = 1234) -> dict[str, float]:
+def evaluate(model, hops: list[int], loops: list[int], n: int = 256, seed: int = 1234) -> dict[str, float]:
     """Held-out accuracy per (hops, n_loops) on the first question of n prompts: `{"k=3,T=4": 0.97}`."""
     model.eval()
     out = {}
@@ -187,6 +187,8 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "cpu_time_s": round(cpu, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "n_params": sum(p.numel() for p in model.parameters()),
+        "eval_prompts": eval_n,
+        "eval_seed": 1234,
         "heldout_accuracy": acc,
     }
     target = out if out is not None else MODELS_DIR / name
