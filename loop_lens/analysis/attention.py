@@ -75,6 +75,11 @@ def js_divergence_rows(p: Float[Tensor, "... q k"], q: Float[Tensor, "... q k"],
     return (js * _query_mask(p, mask)).sum((-2, -1)) / _n(p, mask)
 
 
+def pattern_change(a: Float[Tensor, "... q k"], prev: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+    """`||A - A_prev||_F` over the real query rows."""
+    return ((a.float() - prev.float()) * _query_mask(a.float(), mask)).flatten(-2).norm(dim=-1)
+
+
 def detection_patterns(tokens: Tensor) -> dict[str, Tensor]:
     """[S, S] target patterns per head type; previous-token and induction come from
     TransformerLens's head detector."""
@@ -202,8 +207,7 @@ def attention_stability(model, cache: LoopCache, tokens: Tensor, mask: Optional[
     every iteration; `tokens` [B, S] are needed for the head-type detection patterns."""
     a = cache.stack("attn.hook_pattern").float()  # [T, L, B, H, S, S]
     nan = torch.full_like(a[:1, ..., 0, 0], float("nan"))
-    diff = (a[1:] - a[:-1]) * _query_mask(a[1:], mask)
-    change = torch.cat([nan, diff.flatten(-2).norm(dim=-1)])
+    change = torch.cat([nan, pattern_change(a[1:], a[:-1], mask)])
     js = torch.cat([nan, js_divergence_rows(a[1:], a[:-1], mask)])
     steps = step_sizes(cache, "hook_resid_pre", mask)
     tok = tokens if tokens.ndim == 2 else tokens[None]

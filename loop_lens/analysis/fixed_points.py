@@ -33,6 +33,15 @@ def _cos(a: Tensor, b: Tensor, dim) -> Tensor:
     return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp_min(EPS)
 
 
+def step_metrics(x: Tensor, prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Step from `prev` to `x` (both [..., S, D]): Frobenius norm over S x D, the same relative to
+    ||x||, cosine of the flattened states, and per token (over D) the norm and cosine."""
+    flat, pflat = x.flatten(-2), prev.flatten(-2)
+    norm = (flat - pflat).norm(dim=-1)
+    relative = norm / flat.norm(dim=-1).clamp_min(EPS)
+    return norm, relative, _cos(flat, pflat, -1), (x - prev).norm(dim=-1), _cos(x, prev, -1)
+
+
 @dataclass
 class StepSizes(Result):
     """Per (iteration, layer, batch item): `||X_t - X_{t-1}||_F` over pos x d, the same relative to
@@ -70,15 +79,9 @@ class StepSizes(Result):
 def step_sizes(cache: LoopCache, kind: str = "hook_resid_post", mask: Optional[Tensor] = None) -> StepSizes:
     """Step sizes of each block layer's output between consecutive iterations."""
     x = block_states(cache, kind, mask)  # [T, L, B, S, D]
-    nan = torch.full_like(x[:1, ..., 0], float("nan"))  # [1, L, B, S]
-    diff = x[1:] - x[:-1]
-    per_token = torch.cat([nan, diff.norm(dim=-1)])
-    per_token_cos = torch.cat([nan, _cos(x[1:], x[:-1], -1)])
-    flat = x.flatten(3)  # [T, L, B, S*D]
-    norm = torch.cat([nan[..., 0], (flat[1:] - flat[:-1]).norm(dim=-1)])
-    relative = norm / flat.norm(dim=-1).clamp_min(EPS)
-    cosine = torch.cat([nan[..., 0], _cos(flat[1:], flat[:-1], -1)])
-    return StepSizes(norm, relative, cosine, per_token, per_token_cos)
+    nan = torch.full_like(x[:1, ..., 0], float("nan"))  # [1, L, B, S]: no step at t = 0
+    metrics = step_metrics(x[1:], x[:-1])
+    return StepSizes(*(torch.cat([nan if m.ndim == nan.ndim else nan[..., 0], m]) for m in metrics))
 
 
 @dataclass

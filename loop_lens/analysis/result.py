@@ -43,6 +43,6 @@ def first_stable(values: Tensor, tol: float, dim: int = 0) -> Tensor:
     above = (v >= tol) & ~torch.isnan(v)  # [T, ...]
     T = v.shape[0]
     idx = torch.arange(T, device=v.device).view(T, *([1] * (v.ndim - 1)))
-    last_above = torch.where(above, idx, torch.full_like(idx, -1)).amax(dim=0)  # last t with a big step
-    settled = last_above  # the state at last_above is the first one after which all steps are small
-    return torch.where(last_above >= T - 1, torch.full_like(settled, -1), settled.clamp_min(0))
+    # the last t with a big step is the first state after which every step is small
+    last_above = torch.where(above, idx, torch.full_like(idx, -1)).amax(dim=0)
+    return torch.where(last_above >= T - 1, torch.full_like(last_above, -1), last_above.clamp_min(0))

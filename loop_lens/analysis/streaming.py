@@ -17,11 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loop_lens.analysis import attention as att
-from loop_lens.analysis.fixed_points import StepSizes
+from loop_lens.analysis.fixed_points import StepSizes, step_metrics
 from loop_lens.model.hooks import NO_HOOKS
 from loop_lens.model.names import parse_hook_name
-
-EPS = 1e-12
 
 
 class _Steps:
@@ -42,14 +40,10 @@ class _Steps:
         if self.mask is not None:
             x = x * self.mask.to(x.device)[:, :, None].float()
         prev = self.prev.get(l)
-        flat = x.flatten(1)
         if prev is not None and t > 0:
-            pflat = prev.flatten(1)
-            self.norm[t, l] = (flat - pflat).norm(dim=-1).cpu()
-            self.relative[t, l] = (self.norm[t, l].to(x.device) / flat.norm(dim=-1).clamp_min(EPS)).cpu()
-            self.cosine[t, l] = ((flat * pflat).sum(-1) / (flat.norm(dim=-1) * pflat.norm(dim=-1)).clamp_min(EPS)).cpu()
-            self.per_token[t, l] = (x - prev).norm(dim=-1).cpu()
-            self.per_token_cos[t, l] = ((x * prev).sum(-1) / (x.norm(dim=-1) * prev.norm(dim=-1)).clamp_min(EPS)).cpu()
+            metrics = step_metrics(x, prev)
+            for out, m in zip((self.norm, self.relative, self.cosine, self.per_token, self.per_token_cos), metrics):
+                out[t, l] = m.cpu()
         self.prev[l] = x
 
     def result(self) -> StepSizes:
@@ -117,7 +111,7 @@ def stream_analyses(
             a = a.detach().float()
             if t > 0 and l in prev_pattern:
                 p = prev_pattern[l]
-                buf["change"][t, l] = ((a - p) * att._query_mask(a, mask)).flatten(-2).norm(dim=-1).cpu()
+                buf["change"][t, l] = att.pattern_change(a, p, mask).cpu()
                 buf["js"][t, l] = att.js_divergence_rows(a, p, mask).cpu()
             buf["conc"][t, l] = att.colsum_concentration(a, mask).cpu()
             buf["sink"][t, l] = att.sink_score(a, 0, mask).cpu()

@@ -257,7 +257,7 @@ class HookedLoopedTransformer(HookedRootModule):
             x, depth = run(blk, x, hooks), depth + 1
         logits = self.unembed(self.ln_final(x) if cfg.final_norm else x)
         if keep_states:
-            logits = self._exit_logits(states, gates, exit, rope, attention_mask, logits)
+            logits = self._exit_logits(states, gates, exit, attention_mask, logits)
         return self._outputs(logits, tokens, attention_mask, return_type, loss_per_token)
 
     def _to_coda(self, s: Tensor, hooked: bool) -> Tensor:
@@ -290,7 +290,7 @@ class HookedLoopedTransformer(HookedRootModule):
         p[-1] = survive_before[-1]
         return p
 
-    def _exit_logits(self, states, gates, exit, rope, mask, last_logits) -> Tensor:
+    def _exit_logits(self, states, gates, exit, mask, last_logits) -> Tensor:
         if isinstance(exit, int):
             return last_logits if exit == len(states) - 1 else self.finish(states[exit], mask)
         step_logits = torch.stack([self.finish(s, mask) for s in states[:-1]] + [last_logits])
