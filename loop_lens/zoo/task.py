@@ -94,6 +94,19 @@ def sample(n: int, hops: list[int] | range, generator: torch.Generator, split: s
     return Batch(tokens=torch.cat(parts, dim=1), answers=answers + letter0, hops=k)
 
 
+def answers_after(tokens: Tensor, hops: int) -> Tensor:
+    """The letter (token id) reached from each question's start after `hops` hops, read from the
+    prompts themselves: [n, QUERIES]. With `hops` = the asked k this is the answer; with another
+    count it tells which wrong answers are "stopped early" or "went too far"."""
+    letter0 = TOKEN_ID["a"]
+    src, tgt = tokens[:, 1:PREFIX:2] - letter0, tokens[:, 2:PREFIX:2] - letter0
+    pointer = torch.zeros(len(tokens), N, dtype=torch.long).scatter_(1, src, tgt)
+    x = tokens[:, [a - 2 for a in ANSWER_FROM]] - letter0
+    for _ in range(hops):
+        x = pointer.gather(1, x)
+    return x + letter0
+
+
 def follow(pairs: str, start: str, k: int) -> str:
     """Reference answer by hand: follow the "source target" pairs (e.g. "a j f b ...") k times."""
     letters = pairs.split()
