@@ -12,8 +12,11 @@ Load offline with `ll.load("zoo:<name>")`; `ll.zoo.list()` returns the cards. Al
 the k-hop pointer task (`loop_lens/zoo/task.py`): a prompt lists ten `source target` pointers
 forming one 10-cycle, then asks four questions `| x k =`, "where do you land after k hops from
 x?". Held-out accuracy is measured on cycles that never appear in training (split by a hash of
-the cycle), on the first question of 256 prompts per cell (later questions may repeat a start letter). Training: `python -m loop_lens.zoo.train NAME`
-(CPU, deterministic for a seed and thread count); this page: `python -m loop_lens.zoo.docs`.
+the cycle), on the first question of 256 prompts per cell (later questions may repeat a start
+letter). Training: `python -m loop_lens.zoo.train NAME` (CPU, deterministic for a seed and thread
+count; each shipped model was trained on one thread of a 2-core machine, at most two runs at a
+time, so each had a core to itself); `--evaluate` re-measures shipped weights. This page:
+`python -m loop_lens.zoo.docs`.
 """
 
 
@@ -37,13 +40,22 @@ def render() -> str:
         parts.append(f"{card.get('description', '')}\n")
         rows = [("layout", card.get("layout")), ("trained", card.get("trained")), ("command", f"`{card.get('command')}`"),
                 ("seed", card.get("seed")), ("steps", card.get("steps")), ("batch", card.get("batch")), ("lr", card.get("lr")),
-                ("wall time", f"{card['wall_time_s']} s" if "wall_time_s" in card else None), ("machine", card.get("machine")),
+                ("wall time", f"{card['wall_time_s']} s (CPU time {card.get('cpu_time_s')} s)" if "wall_time_s" in card else None), ("machine", card.get("machine")),
                 ("parameters", card.get("n_params")), ("trained hops", card.get("train_hops")), ("loops per batch", card.get("train_loops")),
-                ("curriculum", card.get("curriculum")), ("curriculum levels reached (step, level)", card.get("curriculum_levels"))]
+                ("curriculum", card.get("curriculum")), ("curriculum stages entered (step, stage)", card.get("curriculum_stages"))]
         parts.append("\n".join(f"- {k}: {v}" for k, v in rows if v is not None) + "\n")
         t = table(card)
         if t:
             parts.append("Held-out accuracy:\n\n" + t + "\n")
+        lands = card.get("untrained_hops_land_on")
+        if lands:
+            cells = []
+            for k, shares in lands.items():
+                j, share = max(shares.items(), key=lambda kv: kv[1])
+                cells.append(f"{k}: {share:.2f} on {j}")
+            parts.append(f"On hop counts it was not trained on (T = {card.get('trained_loops', '?')}), the largest share of first "
+                         "answers landing on the letter j hops from the start (`untrained_hops_land_on` in the card): "
+                         + "; ".join(cells) + ".\n")
         if card.get("notes"):
             parts.append(card["notes"] + "\n")
     return "\n".join(parts)

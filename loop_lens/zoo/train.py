@@ -2,6 +2,7 @@
 
     python -m loop_lens.zoo.train khop-huginn            # trains, evaluates, writes the model + card
     python -m loop_lens.zoo.train khop-ouro --steps 50 --out /tmp/x   # a quick, smaller run
+    python -m loop_lens.zoo.train khop-ff --evaluate     # re-measure the shipped weights, rewrite the card's table
 
 Deterministic for a given seed on one machine (CPU, fixed thread count).
 """
@@ -25,7 +26,7 @@ from loop_lens.config import LoopConfig
 from loop_lens.model.init import init_weights
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.zoo import MODELS_DIR
-from loop_lens.zoo.task import ANSWER_FROM, SEQ_LEN, VOCAB, make_tokenizer, sample
+from loop_lens.zoo.task import ANSWER_FROM, MAX_HOPS, SEQ_LEN, VOCAB, answers_after, make_tokenizer, sample
 
 _COMMON = dict(d_model=64, n_heads=4, d_mlp=128, d_vocab=len(VOCAB), n_ctx=SEQ_LEN, norm_eps=1e-6)
 
@@ -41,7 +42,9 @@ class Recipe:
     lr: float = 1e-3
     batch: int = 128
     seed: int = 0
-    schedule: str = "constant"  # or "cosine" (linear warmup, cosine decay)
+    schedule: str = "wsd"  # warmup, constant, linear decay to 0 over the last `decay` of steps; or "cosine"
+    warmup: int = 0
+    decay: float = 0.15
 
 
 RECIPES = {
@@ -49,24 +52,34 @@ RECIPES = {
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-huginn", n_prelude=1, n_block=2, n_coda=1,
                        default_loops=6, norm_placement="sandwich_resid", rope_style="adjacent", injection="linear",
                        initial_state="trunc_normal", init_std=0.02, norm_after_loop=True, tie_embeddings=True),
-        train_hops=[1, 2, 3, 4], loops=[2, 3, 4, 5, 6], steps=3000,
+        train_hops=[1, 2], loops=[2, 3, 4, 5, 6], steps=2800,
         description="Huginn-style (1, 2 x T, 1), linear injection, random start state; trained with 2-6 loops per batch",
         eval_loops=[1, 2, 3, 4, 6, 8, 12],
     ),
     "khop-ouro": Recipe(
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-ouro", n_block=2, default_loops=4,
                        norm_placement="sandwich", iter_norm=True, final_norm=False, exit_gate=True),
-        train_hops=[1, 2, 3, 4], loops=[4], steps=2400,
+        train_hops=[1, 2, 3], loops=[4], steps=3000,
         description="Ouro-style (0, 2 x 4, 0): sandwich norms, per-iteration norm, exit gate (Ouro's entropy-regularised objective)",
         eval_loops=[1, 2, 3, 4, 6, 8],
     ),
     "khop-ff": Recipe(
         cfg=LoopConfig(**_COMMON, family="native", model_name="khop-ff", n_block=8, default_loops=1, norm_placement="pre"),
-        train_hops=[1, 2, 3, 4], loops=[1], steps=3000, lr=3e-3,
+        train_hops=[1, 2, 3], loops=[1], steps=3400,
         description="feedforward baseline: 8 pre-norm layers, the depth of khop-ouro unrolled",
         eval_loops=[1],
     ),
 }
+
+
+def lr_factor(recipe: Recipe, step: int, steps: int) -> float:
+    """The learning-rate multiplier at `step`: linear warmup, then constant ("wsd": linear decay to
+    zero over the last `recipe.decay` of the steps) or cosine decay."""
+    warm = min(1.0, (step + 1) / max(1, recipe.warmup))
+    if recipe.schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    decay_from = steps * (1 - recipe.decay)
+    return warm * min(1.0, max(0.0, (steps - step) / max(1.0, steps - decay_from)))
 
 
 def _answer_logits(model, tokens: torch.Tensor, n_loops: int, seed: Optional[int] = None) -> torch.Tensor:
@@ -75,20 +88,30 @@ def _answer_logits(model, tokens: torch.Tensor, n_loops: int, seed: Optional[int
 
 
 class Curriculum:
-    """Hop counts are added one at a time: the next once the running training accuracy on the
-    current ones exceeds `threshold`. Deterministic given the training trajectory."""
+    """Stages of (hop counts, largest loop count), entered one at a time: the next once the running
+    training accuracy on the current stage exceeds `threshold`. Stage i trains hops 1..i with at
+    most i + 2 loops; once every hop count is in, a last stage opens all the recipe's loop counts.
+    Deterministic given the training trajectory."""
 
-    def __init__(self, hops: list[int], threshold: float = 0.9, decay: float = 0.95):
-        self.hops, self.level, self.threshold, self.decay, self.acc = sorted(hops), 1, threshold, decay, 0.0
-        self.log: list[tuple[int, int]] = []  # (step, level) when a level was reached
+    def __init__(self, hops: list[int], loops: list[int], threshold: float = 0.9, decay: float = 0.95):
+        hops = sorted(hops)
+        self.stages = [(hops[: i + 1], i + 3) for i in range(len(hops))]
+        if max(loops) > self.stages[-1][1]:
+            self.stages.append((hops, max(loops)))
+        self.loops, self.level, self.threshold, self.decay, self.acc = sorted(loops), 1, threshold, decay, 0.0
+        self.log: list[tuple[int, int]] = []  # (step, stage) when a stage was entered, counting from 1
 
     @property
     def current(self) -> list[int]:
-        return self.hops[: self.level]
+        return self.stages[self.level - 1][0]
+
+    @property
+    def current_loops(self) -> list[int]:
+        return [t for t in self.loops if t <= self.stages[self.level - 1][1]] or self.loops[:1]
 
     def update(self, step: int, accuracy: float) -> None:
         self.acc = self.decay * self.acc + (1 - self.decay) * accuracy
-        if self.acc > self.threshold and self.level < len(self.hops):
+        if self.acc > self.threshold and self.level < len(self.stages):
             self.level += 1
             self.acc = 0.0
             self.log.append((step, self.level))
@@ -127,6 +150,46 @@ def evaluate(model, hops: list[int], loops: list[int], n: int = 256, seed: int =
     return out
 
 
+@torch.no_grad()
+def landing(model, hops: list[int], n_loops: int, n: int = 256, seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Where answers land on k-hop questions: the share of first answers equal to the letter j hops
+    from the start, j = 1..max(hops) (same prompts as `evaluate`): `{"k=4": {"j=3": 0.93, ...}}`.
+    Shows whether a model stops early (j < k) on hop counts it was not trained on."""
+    model.eval()
+    out = {}
+    for k in hops:
+        batch = sample(n, [k], torch.Generator().manual_seed(seed + k), split="heldout")
+        pred = _answer_logits(model, batch.tokens, n_loops, seed=seed)[:, 0].argmax(-1)
+        out[f"k={k}"] = {f"j={j}": round((pred == answers_after(batch.tokens, j)[:, 0]).float().mean().item(), 4)
+                         for j in range(1, max(hops) + 1)}
+    return out
+
+
+def _untrained(recipe: Recipe) -> list[int]:
+    return [k for k in eval_hops(recipe) if k not in recipe.train_hops]
+
+
+def eval_hops(recipe: Recipe) -> list[int]:
+    """The hop counts a card reports: 1 to 6, and two past the trained ones."""
+    return list(range(1, min(max(6, max(recipe.train_hops) + 2), MAX_HOPS) + 1))
+
+
+def reevaluate(name: str, path: Optional[Path] = None, quiet: bool = False) -> dict:
+    """Measure saved weights again on the card's held-out set and rewrite the card's table."""
+    from loop_lens.adapters import load
+
+    recipe, target = RECIPES[name], Path(path) if path is not None else MODELS_DIR / name
+    card = json.loads((target / "card.json").read_text())
+    model = load(target)
+    card["heldout_accuracy"] = evaluate(model, eval_hops(recipe), recipe.eval_loops, n=card["eval_prompts"], seed=card["eval_seed"])
+    card["trained_loops"] = recipe.cfg.default_loops
+    card["untrained_hops_land_on"] = landing(model, _untrained(recipe), recipe.cfg.default_loops, n=card["eval_prompts"], seed=card["eval_seed"])
+    (target / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    if not quiet:
+        print_table(card)
+    return card
+
+
 def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, quiet: bool = False, eval_n: int = 256) -> dict:
     """Train one recipe, evaluate it on held-out cycles, save the model and its card."""
     recipe = RECIPES[name]
@@ -135,21 +198,15 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
     model = HookedLoopedTransformer(recipe.cfg, tokenizer=make_tokenizer())
     init_weights(model, seed=recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    if recipe.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        )
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(recipe, s, steps))
     g = torch.Generator().manual_seed(recipe.seed)
     start, cpu_start = time.time(), time.process_time()
-    curriculum = Curriculum(recipe.train_hops)
+    curriculum = Curriculum(recipe.train_hops, recipe.loops)
     bar = tqdm(range(steps), desc=f"train {name}", disable=quiet, mininterval=10)
     for step in bar:
         model.train()
         batch = sample(recipe.batch, curriculum.current, g)
-        loops = [t for t in recipe.loops if t <= curriculum.level + 2] or recipe.loops[:1]
+        loops = curriculum.current_loops
         T = loops[int(torch.randint(len(loops), (1,), generator=g))]
         if recipe.cfg.exit_gate:
             loss, logits = _ouro_loss(model, batch.tokens, batch.answers, T)
@@ -165,20 +222,20 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", T=T, hops=curriculum.level, acc=f"{curriculum.acc:.2f}")
     wall, cpu = time.time() - start, time.process_time() - cpu_start
-    eval_hops = sorted(set(recipe.train_hops) | {min(max(recipe.train_hops) + 1, 9), min(max(recipe.train_hops) + 2, 9)})
-    acc = evaluate(model, eval_hops, recipe.eval_loops, n=eval_n)
+    acc = evaluate(model, eval_hops(recipe), recipe.eval_loops, n=eval_n)
     card = {
         "name": name,
         "layout": recipe.cfg.layout,
         "description": recipe.description,
         "task": "k-hop pointer following over a 10-cycle, 4 questions per prompt (loop_lens.zoo.task)",
-        "curriculum": "hop counts added one at a time once the running training accuracy passes 90%; loops drawn from those <= hops + 2",
-        "curriculum_levels": curriculum.log,
+        "curriculum": "stages entered once the running training accuracy passes 90%: hops 1..i with loops <= i + 2, then all loop counts",
+        "curriculum_stages": curriculum.log,
         "lr": recipe.lr,
-        "schedule": recipe.schedule,
+        "schedule": f"{recipe.schedule}: {recipe.warmup} warmup steps" + (f", linear decay over the last {recipe.decay:.0%}" if recipe.schedule == "wsd" else ""),
         "trained": True,
         "train_hops": recipe.train_hops,
         "train_loops": recipe.loops,
+        "trained_loops": recipe.cfg.default_loops,
         "command": f"python -m loop_lens.zoo.train {name} --threads {torch.get_num_threads()}" + ("" if steps == recipe.steps else f" --steps {steps}"),
         "seed": recipe.seed,
         "steps": steps,
@@ -190,6 +247,7 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "eval_prompts": eval_n,
         "eval_seed": 1234,
         "heldout_accuracy": acc,
+        "untrained_hops_land_on": landing(model, _untrained(recipe), recipe.cfg.default_loops, n=eval_n),
     }
     target = out if out is not None else MODELS_DIR / name
     model.save(target)
@@ -216,9 +274,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the package's zoo)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for determinism)")
+    parser.add_argument("--evaluate", action="store_true", help="only re-measure saved weights and rewrite the card's table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train(args.name, steps=args.steps, out=args.out)
+    if args.evaluate:
+        reevaluate(args.name, args.out)
+    else:
+        train(args.name, steps=args.steps, out=args.out)
 
 
 if __name__ == "__main__":
