@@ -20,24 +20,28 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                "k-hop pointer task (`loop_lens.zoo.task`). Iterations count from 0."),
         ("code", "import torch\nimport loop_lens as ll\n\nmodel = ll.load('zoo:khop-huginn')\nprint(model.cfg.layout, ll.zoo.card('khop-huginn')['description'])"),
         ("md", "A prompt lists ten `source target` pointers, then questions `| x k =`: where do you land after k hops from x?"),
-        ("code", "from loop_lens.zoo.task import sample, ANSWER_FROM\nbatch = sample(4, [3], torch.Generator().manual_seed(0), split='heldout')\nprint(batch.text(0))\nprint(model.to_str_tokens(batch.tokens[0])[:8])"),
+        ("code", "from loop_lens.zoo.task import sample, ANSWER_FROM\nbatch = sample(4, [2], torch.Generator().manual_seed(0), split='heldout')\nprint(batch.text(0))\nprint(model.to_str_tokens(batch.tokens[0])[:8])"),
         ("code", "logits, cache = model.run_with_cache(batch.tokens, n_loops=8, seed=0)\n"
                  "pred = logits[:, ANSWER_FROM].argmax(-1)\nprint('accuracy', (pred == batch.answers).float().mean().item())\n"
                  "print(cache['iter.3.blocks.1.attn.hook_pattern'].shape)   # [batch, head, query, key] at iteration 3\n"
                  "print(cache.stack('hook_resid_post').shape)                # [n_loops, n_block, batch, pos, d_model]"),
         ("md", "Hook names carry the iteration; `ll.hook_name` builds them."),
         ("code", "print(ll.hook_name('pattern', layer=1, iteration=3))\nprint(model.loop_hook_names(0)[:6])"),
-        ("md", "Test-time compute: accuracy on 5-hop questions (never trained on) as the number of loops grows."),
-        ("code", "hard = sample(128, [5], torch.Generator().manual_seed(1), split='heldout')\n"
-                 "for T in (2, 4, 6, 8, 12):\n    p = model(hard.tokens, n_loops=T, seed=0)[:, ANSWER_FROM].argmax(-1)\n"
-                 "    print(T, round((p == hard.answers).float().mean().item(), 3))"),
+        ("md", "Test-time compute: accuracy on the first question as the number of loops grows, for 2 hops "
+               "(trained; the model was trained on 1 and 2) and 3 hops (never trained on). `answers_after(tokens, j)` "
+               "is the letter j hops from the start: on 3-hop questions the model lands on the 2-hop letter."),
+        ("code", "from loop_lens.zoo.task import answers_after\n"
+                 "for k in (2, 3):\n    hard = sample(256, [k], torch.Generator().manual_seed(1), split='heldout')\n"
+                 "    for T in (1, 2, 4, 8):\n        p = model(hard.tokens, n_loops=T, seed=0)[:, ANSWER_FROM[0]].argmax(-1)\n"
+                 "        hit = {j: round((p == answers_after(hard.tokens, j)[:, 0]).float().mean().item(), 3) for j in (1, 2, 3)}\n"
+                 "        print(f'k={k} T={T}  lands on the letter j hops away, j=1,2,3:', hit)"),
         ("md", "TransformerLens's own cache helpers work on the unrolled view."),
         ("code", "accum, labels = cache.unrolled().accumulated_resid(return_labels=True)\nprint(accum.shape, labels[:4], labels[-1])"),
     ],
     "02_fixed_points": [
         ("md", "# Fixed points: does each block layer settle, and where?"),
         ("code", "import torch\nimport loop_lens as ll\nfrom loop_lens import analysis as A\nfrom loop_lens.zoo.task import sample\n\n"
-                 "model = ll.load('zoo:khop-huginn')\nbatch = sample(8, [2, 3], torch.Generator().manual_seed(0), split='heldout')\n"
+                 "model = ll.load('zoo:khop-huginn')\nbatch = sample(8, [1, 2], torch.Generator().manual_seed(0), split='heldout')\n"
                  "_, cache = model.run_with_cache(batch.tokens, n_loops=64, seed=0, names_filter=lambda n: n.endswith('hook_resid_post'))"),
         ("code", "steps = A.step_sizes(cache)\nprint('convergence iteration per layer (tol 1e-3):', steps.convergence_iteration(1e-3).max(1).values.tolist())\nsteps.plot(by='layer')"),
         ("code", "fp = A.fixed_points(cache)\nprint('min cos between layer fixed points:', round(fp.min_layer_cosine, 4), 'degenerate:', fp.degenerate())\nfp.plot_layer_cosine()"),
@@ -50,7 +54,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     "03_head_stability": [
         ("md", "# Which attention heads stop changing, and when?"),
         ("code", "import torch\nimport loop_lens as ll\nfrom loop_lens import analysis as A\nfrom loop_lens.zoo.task import sample\n\n"
-                 "model = ll.load('zoo:khop-huginn')\nbatch = sample(8, [3], torch.Generator().manual_seed(0), split='heldout')\n"
+                 "model = ll.load('zoo:khop-huginn')\nbatch = sample(8, [2], torch.Generator().manual_seed(0), split='heldout')\n"
                  "_, cache = model.run_with_cache(batch.tokens, n_loops=24, seed=0)"),
         ("code", "stab = A.attention_stability(model, cache, batch.tokens)\nstab.table(tol=1e-2).sort_values('stabilisation_iteration')"),
         ("code", "stab.plot('change_frobenius')"),
@@ -109,6 +113,8 @@ def build() -> list[Path]:
         nb = nbformat.v4.new_notebook()
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src) for kind, src in cells]
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"{name[:2]}-{i:02d}"  # stable ids: rebuilding changes only what was edited
         path = HERE / f"{name}.ipynb"
         nbformat.write(nb, path)
         paths.append(path)
