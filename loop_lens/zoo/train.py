@@ -1,6 +1,6 @@
 """Train the zoo's k-hop models with HookedLoopedTransformer itself (no second implementation).
 
-    python -m loop_lens.zoo.train khop-huginn            # trains, evaluates, writes the model + card
+    python -m loop_lens.zoo.train khop-huginn            # trains (1 thread), evaluates, writes the model + card
     python -m loop_lens.zoo.train khop-ouro --steps 50 --out /tmp/x   # a quick, smaller run
     python -m loop_lens.zoo.train khop-ff --evaluate     # re-measure the shipped weights, rewrite the card's table
 
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the package's zoo)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for determinism)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for determinism; the shipped models used 1)")
     parser.add_argument("--evaluate", action="store_true", help="only re-measure saved weights and rewrite the card's table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
