@@ -120,6 +120,10 @@ def _zoo_list(args: argparse.Namespace) -> int:
         return 0
     for card in cards:
         print(f"zoo:{card['name']:<16} {card.get('layout', ''):<18} {card.get('description', '')}")
+        acc, T = card.get("heldout_accuracy", {}), card.get("trained_loops")
+        if acc and T is not None:
+            cells = ", ".join(f"{k} hop{'s' * (k > 1)} {acc[f'k={k},T={T}']:.3f}" for k in card.get("train_hops", []) if f"k={k},T={T}" in acc)
+            print(f"{'':<21} held-out accuracy at T={T}: {cells}")
     return 0
 
 

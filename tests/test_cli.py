@@ -47,6 +47,9 @@ def test_convert_writes_native_format_that_loads_identically(capsys, tmp_path):
 def test_zoo_list(capsys):
     code, out, _ = run(capsys, "zoo", "list")
     assert code == 0 and "zoo:tiny-random" in out
+    card = ll.zoo.card("khop-ouro")
+    line = next(ln for ln in out.splitlines() if "held-out accuracy at T=4" in ln)  # the line under khop-ouro
+    assert f"3 hops {card['heldout_accuracy']['k=3,T=4']:.3f}" in line
 
 
 def test_help_and_bad_usage(capsys):
