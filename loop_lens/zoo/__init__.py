@@ -8,6 +8,12 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).parent / "models"
 
 
+def accuracy_axes(acc: dict[str, float]) -> tuple[list[int], list[int]]:
+    """The hop counts and loop counts of a card's `heldout_accuracy` (keys like "k=3,T=4")."""
+    cells = [tuple(int(part.split("=")[1]) for part in key.split(",")) for key in acc]
+    return sorted({k for k, _ in cells}), sorted({t for _, t in cells})
+
+
 def names() -> list[str]:
     """Names of the shipped models."""
     return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "loop_config.json").is_file())

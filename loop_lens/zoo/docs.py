@@ -24,8 +24,7 @@ def table(card: dict) -> str:
     acc = card.get("heldout_accuracy", {})
     if not acc:
         return ""
-    hops = sorted({int(k.split(",")[0][2:]) for k in acc})
-    loops = sorted({int(k.split(",")[1][2:]) for k in acc})
+    hops, loops = zoo.accuracy_axes(acc)
     lines = ["| hops k, n_loops T → | " + " | ".join(str(t) for t in loops) + " |", "|---" * (len(loops) + 1) + "|"]
     for k in hops:
         trained = " (trained)" if k in card.get("train_hops", []) else ""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from loop_lens.config import LoopConfig
 from loop_lens.model.init import init_weights
 from loop_lens.model.looped import HookedLoopedTransformer
-from loop_lens.zoo import MODELS_DIR
+from loop_lens.zoo import MODELS_DIR, accuracy_axes
 from loop_lens.zoo.task import ANSWER_FROM, MAX_HOPS, SEQ_LEN, VOCAB, answers_after, make_tokenizer, sample
 
 _COMMON = dict(d_model=64, n_heads=4, d_mlp=128, d_vocab=len(VOCAB), n_ctx=SEQ_LEN, norm_eps=1e-6)
@@ -137,32 +137,56 @@ def _ouro_loss(model, tokens, answers, n_loops, beta=0.05):
     return ((p * ce).sum(0) - beta * entropy).mean(), step_logits[-1]
 
 
+EVAL_SEED = 1234
+
+
+def _heldout(k: int, n: int, seed: int):
+    """The n held-out k-hop prompts every measurement for (n, seed) uses."""
+    return sample(n, [k], torch.Generator().manual_seed(seed + k), split="heldout")
+
+
+def _first_answers(model, tokens: torch.Tensor, n_loops: int, seed: int) -> torch.Tensor:
+    """The model's answer to the first question of each prompt."""
+    return _answer_logits(model, tokens, n_loops, seed=seed)[:, 0].argmax(-1)
+
+
 @torch.no_grad()
-def evaluate(model, hops: list[int], loops: list[int], n: int = 256, seed: int = 1234) -> dict[str, float]:
+def evaluate(model, hops: list[int], loops: list[int], n: int = 256, seed: int = EVAL_SEED) -> dict[str, float]:
     """Held-out accuracy per (hops, n_loops) on the first question of n prompts: `{"k=3,T=4": 0.97}`."""
     model.eval()
     out = {}
     for k in hops:
-        batch = sample(n, [k], torch.Generator().manual_seed(seed + k), split="heldout")
+        batch = _heldout(k, n, seed)
         for T in loops:
-            pred = _answer_logits(model, batch.tokens, T, seed=seed)[:, 0].argmax(-1)
+            pred = _first_answers(model, batch.tokens, T, seed)
             out[f"k={k},T={T}"] = round((pred == batch.answers[:, 0]).float().mean().item(), 4)
     return out
 
 
 @torch.no_grad()
-def landing(model, hops: list[int], n_loops: int, n: int = 256, seed: int = 1234) -> dict[str, dict[str, float]]:
+def landing(model, hops: list[int], n_loops: int, n: int = 256, seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
     """Where answers land on k-hop questions: the share of first answers equal to the letter j hops
     from the start, j = 1..max(hops) (same prompts as `evaluate`): `{"k=4": {"j=3": 0.93, ...}}`.
     Shows whether a model stops early (j < k) on hop counts it was not trained on."""
     model.eval()
     out = {}
     for k in hops:
-        batch = sample(n, [k], torch.Generator().manual_seed(seed + k), split="heldout")
-        pred = _answer_logits(model, batch.tokens, n_loops, seed=seed)[:, 0].argmax(-1)
-        out[f"k={k}"] = {f"j={j}": round((pred == answers_after(batch.tokens, j)[:, 0]).float().mean().item(), 4)
+        tokens = _heldout(k, n, seed).tokens
+        pred = _first_answers(model, tokens, n_loops, seed)
+        out[f"k={k}"] = {f"j={j}": round((pred == answers_after(tokens, j)[:, 0]).float().mean().item(), 4)
                          for j in range(1, max(hops) + 1)}
     return out
+
+
+def _measure(model, recipe: Recipe, n: int, seed: int = EVAL_SEED) -> dict:
+    """The card's measured entries: accuracy per (hops, n_loops) and where untrained hop counts land."""
+    return {
+        "trained_loops": recipe.cfg.default_loops,
+        "eval_prompts": n,
+        "eval_seed": seed,
+        "heldout_accuracy": evaluate(model, eval_hops(recipe), recipe.eval_loops, n=n, seed=seed),
+        "untrained_hops_land_on": landing(model, _untrained(recipe), recipe.cfg.default_loops, n=n, seed=seed),
+    }
 
 
 def _untrained(recipe: Recipe) -> list[int]:
@@ -181,9 +205,7 @@ def reevaluate(name: str, path: Optional[Path] = None, quiet: bool = False) -> d
     recipe, target = RECIPES[name], Path(path) if path is not None else MODELS_DIR / name
     card = json.loads((target / "card.json").read_text())
     model = load(target)
-    card["heldout_accuracy"] = evaluate(model, eval_hops(recipe), recipe.eval_loops, n=card["eval_prompts"], seed=card["eval_seed"])
-    card["trained_loops"] = recipe.cfg.default_loops
-    card["untrained_hops_land_on"] = landing(model, _untrained(recipe), recipe.cfg.default_loops, n=card["eval_prompts"], seed=card["eval_seed"])
+    card.update(_measure(model, recipe, n=card["eval_prompts"], seed=card["eval_seed"]))
     (target / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     if not quiet:
         print_table(card)
@@ -222,7 +244,6 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", T=T, hops=curriculum.level, acc=f"{curriculum.acc:.2f}")
     wall, cpu = time.time() - start, time.process_time() - cpu_start
-    acc = evaluate(model, eval_hops(recipe), recipe.eval_loops, n=eval_n)
     card = {
         "name": name,
         "layout": recipe.cfg.layout,
@@ -235,7 +256,6 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "trained": True,
         "train_hops": recipe.train_hops,
         "train_loops": recipe.loops,
-        "trained_loops": recipe.cfg.default_loops,
         "command": f"python -m loop_lens.zoo.train {name} --threads {torch.get_num_threads()}" + ("" if steps == recipe.steps else f" --steps {steps}"),
         "seed": recipe.seed,
         "steps": steps,
@@ -244,10 +264,7 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "cpu_time_s": round(cpu, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "n_params": sum(p.numel() for p in model.parameters()),
-        "eval_prompts": eval_n,
-        "eval_seed": 1234,
-        "heldout_accuracy": acc,
-        "untrained_hops_land_on": landing(model, _untrained(recipe), recipe.cfg.default_loops, n=eval_n),
+        **_measure(model, recipe, n=eval_n),
     }
     target = out if out is not None else MODELS_DIR / name
     model.save(target)
@@ -259,8 +276,7 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
 
 def print_table(card: dict) -> None:
     acc = card["heldout_accuracy"]
-    hops = sorted({int(k.split(",")[0][2:]) for k in acc})
-    loops = sorted({int(k.split(",")[1][2:]) for k in acc})
+    hops, loops = accuracy_axes(acc)
     print(f"\n{card['name']} {card['layout']}: held-out accuracy (rows: hops k, columns: n_loops T)")
     print("k \\ T " + "".join(f"{t:>7}" for t in loops))
     for k in hops:
