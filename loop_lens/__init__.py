@@ -1,15 +1,19 @@
 """loop_lens: TransformerLens-style interpretability for looped language models."""
 
 from loop_lens import analysis, viz, zoo
-from loop_lens.adapters import KNOWN_FAMILIES, LoadError, from_bridge, from_hf, load, loop
+from loop_lens.adapters import KNOWN_FAMILIES, from_bridge, from_hf, load, loop
 from loop_lens.cache import LoopCache
-from loop_lens.config import ConfigError, LoopConfig
+from loop_lens.config import LoopConfig
+from loop_lens.errors import ConfigError, HookError, LoadError, SaveError, UnexpectedTensorsWarning
 from loop_lens.model import HookedLoopedTransformer, hook_name, parse_hook_name
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "HookError",
+    "SaveError",
+    "UnexpectedTensorsWarning",
     "analysis",
     "viz",
     "zoo",

@@ -57,7 +57,7 @@ def _read_prompts(spec: str) -> list[str]:
     """A prompts argument: a file (one prompt per line, or a JSON list) or the text itself."""
     from pathlib import Path
 
-    from loop_lens.adapters.io import LoadError
+    from loop_lens.errors import LoadError
 
     path = Path(spec)
     looks_like_file = path.suffix in (".txt", ".json", ".jsonl") or "/" in spec
@@ -85,7 +85,7 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import loop_lens as ll
-    from loop_lens.adapters.io import LoadError
+    from loop_lens.errors import LoadError
     from loop_lens.report import build_report
 
     out = Path(args.out)
@@ -168,8 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from loop_lens.adapters.io import LoadError
-    from loop_lens.config import ConfigError
+    from loop_lens.errors import ConfigError, LoadError
 
     try:
         return args.func(args)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from loop_lens.errors import ConfigError
+
 NORM_PLACEMENTS = ("pre", "sandwich", "sandwich_resid", "post")
 """Block norm placement.
 
@@ -29,10 +31,6 @@ INITIAL_STATES = ("embed", "zeros", "trunc_normal")
 POSITIONAL = ("rotary", "learned", "none")
 ROPE_STYLES = ("rotate_half", "adjacent")
 QK_NORMS = ("none", "full", "head")
-
-
-class ConfigError(ValueError):
-    """A LoopConfig whose fields contradict each other or name an unknown option."""
 
 
 @dataclass

@@ -8,8 +8,9 @@ from typing import Any, Optional, Union
 import torch
 
 from loop_lens.adapters import families
-from loop_lens.adapters.io import LoadError, TensorSource, UnexpectedTensorsWarning, assemble, read_config, read_tensors
-from loop_lens.config import ConfigError, LoopConfig
+from loop_lens.adapters.io import TensorSource, assemble, read_config, read_tensors
+from loop_lens.config import LoopConfig
+from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.tokenization import load_tokenizer
 

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loop_lens.adapters.io import LoadError, TensorSource, make_config
+from loop_lens.adapters.io import TensorSource, make_config
 from loop_lens.config import LoopConfig
+from loop_lens.errors import LoadError
 
 Mapping = dict[str, tuple[str, Tensor]]
 

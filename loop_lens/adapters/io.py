@@ -15,15 +15,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from loop_lens.config import ConfigError, LoopConfig
-
-
-class LoadError(ValueError):
-    """A checkpoint that cannot be turned into a model; the message names the problem."""
-
-
-class UnexpectedTensorsWarning(UserWarning):
-    """The checkpoint holds tensors the adapter did not use."""
+from loop_lens.config import LoopConfig
+from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
 
 
 def read_config(directory: Path) -> dict[str, Any]:

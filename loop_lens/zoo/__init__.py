@@ -21,7 +21,7 @@ def names() -> list[str]:
 
 def zoo_path(name: str) -> Path:
     """Directory of a shipped model; raises LoadError naming the known models."""
-    from loop_lens.adapters.io import LoadError
+    from loop_lens.errors import LoadError
 
     path = MODELS_DIR / name
     if not (path / "loop_config.json").is_file():

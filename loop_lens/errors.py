@@ -1,0 +1,26 @@
+"""The exceptions and warnings loop_lens raises, in one module every layer can import."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A LoopConfig whose fields contradict each other, have the wrong type, or name an unknown option."""
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be turned into a model; the message names the problem."""
+
+
+class SaveError(ValueError):
+    """A save that would lose or mix data (a foreign folder, an output that is also an input)."""
+
+
+class UnexpectedTensorsWarning(UserWarning):
+    """The checkpoint holds tensors the adapter did not use."""
+
+
+class HookError(ValueError):
+    """A hook returned something that cannot replace the activation it was given."""
+
+
+__all__ = ["ConfigError", "HookError", "LoadError", "SaveError", "UnexpectedTensorsWarning"]
