@@ -76,6 +76,11 @@ class LoopConfig:
     """Apply the final norm before the unembedding (False when `iter_norm` already did)."""
     exit_gate: bool = False
     early_exit_threshold: float = 1.0
+    default_exit: Any = "last"
+    """What `model(tokens)` returns when `exit=` is not given, as the checkpoint's own code does by
+    default: "last" (the last iteration), "threshold" / "weighted" (Ouro's exits over the gate's
+    exit distribution) or an iteration index (Ouro's `early_exit_step`; used when the run has that
+    many iterations, "threshold" otherwise)."""
     tie_embeddings: bool = False
     # bookkeeping
     family: str = "native"

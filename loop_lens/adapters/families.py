@@ -88,6 +88,7 @@ def ouro(config: dict[str, Any], src: TensorSource) -> tuple[LoopConfig, Mapping
     D, H = _get(config, "hidden_size"), _get(config, "num_attention_heads")
     L = _get(config, "num_hidden_layers")
     tie = bool(config.get("tie_word_embeddings", False))
+    threshold = config.get("early_exit_threshold")
     cfg = make_config(
         family="ouro",
         model_name=config.get("_name_or_path") or "ouro",
@@ -108,7 +109,8 @@ def ouro(config: dict[str, Any], src: TensorSource) -> tuple[LoopConfig, Mapping
         iter_norm=True,
         final_norm=False,
         exit_gate=True,
-        early_exit_threshold=float(config.get("early_exit_threshold", 1.0)),
+        early_exit_threshold=1.0 if threshold is None else float(threshold),
+        default_exit=_ouro_default_exit(config),
         tie_embeddings=tie,
     )
     m = _Mapper(src)
@@ -129,6 +131,16 @@ def ouro(config: dict[str, Any], src: TensorSource) -> tuple[LoopConfig, Mapping
     if not tie:
         m.put("unembed.weight", "lm_head.weight")
     return cfg, m.out
+
+
+def _ouro_default_exit(config: dict[str, Any]) -> Any:
+    """The exit `OuroForCausalLM.forward` takes with no arguments: `early_exit_step` when set,
+    else the threshold exit when `early_exit_threshold` is set, else the last step."""
+    if config.get("early_exit_step") is not None:
+        return int(config["early_exit_step"])
+    if config.get("early_exit_threshold") is not None:
+        return "threshold"
+    return "last"
 
 
 # ---------------------------------------------------------------------- Raven layout
