@@ -23,4 +23,11 @@ class HookError(ValueError):
     """A hook returned something that cannot replace the activation it was given."""
 
 
-__all__ = ["ConfigError", "HookError", "LoadError", "SaveError", "UnexpectedTensorsWarning"]
+class HookNameError(KeyError, ValueError):
+    """A hook name that names no hook point of the model (or none that runs in this forward)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+__all__ = ["ConfigError", "HookError", "HookNameError", "LoadError", "SaveError", "UnexpectedTensorsWarning"]

@@ -86,16 +86,18 @@ def test_any_loop_count_runs_without_rebuilding_weights(n_loops, tokens):
     assert logits.shape == (2, 7, 40) and torch.isfinite(logits).all()
     assert cache.n_loops == n_loops and cache.stack("state_post").shape == (n_loops, 2, 7, 32)
     assert [p.data_ptr() for p in model.parameters()] == params_before
-    assert len(model.iter) >= n_loops
+    assert len(model.iter) == 0  # iteration hook points live only while something is attached
 
 
-def test_hook_points_for_an_iteration_count_are_created_once(tokens):
+def test_a_persistent_hook_keeps_its_iteration_hook_points_until_removed(tokens):
     model = tiny_model("pre")
+    model.add_hook("iter.5.blocks.0.attn.hook_pattern", lambda x, hook: None)
+    first = model.iter["5"].blocks[0].attn.hook_pattern
     model(tokens, n_loops=6)
-    first = model.iter[5].blocks[0].attn.hook_pattern
-    model(tokens, n_loops=3)
-    model(tokens, n_loops=6)
-    assert model.iter[5].blocks[0].attn.hook_pattern is first
+    model.run_with_cache(tokens, n_loops=8)
+    assert list(model.iter) == ["5"] and model.iter["5"].blocks[0].attn.hook_pattern is first
+    model.reset_hooks()
+    assert len(model.iter) == 0
 
 
 def test_names_filter_as_string_list_and_callable(tokens):
@@ -136,7 +138,7 @@ def test_initial_state_is_seedable_explicit_and_recoverable(tokens):
     bound = 3 * model.cfg.init_std * model.cfg.init_scale
     assert s0.abs().max() <= bound + 1e-6
     torch.testing.assert_close(model(tokens, initial_state=s0), model(tokens, seed=11))
-    with pytest.raises(ValueError, match="initial_state shape"):
+    with pytest.raises(ValueError, match="initial_state has shape"):
         model(tokens, initial_state=s0[:, :3])
 
 

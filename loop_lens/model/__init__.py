@@ -1,6 +1,6 @@
-"""The hooked looped transformer, its components and hook names."""
+"""The hooked looped transformer (`looped`), its components, hook containers and hook names.
 
-from loop_lens.model.looped import HookedLoopedTransformer
-from loop_lens.model.names import hook_name, parse_hook_name
-
-__all__ = ["HookedLoopedTransformer", "hook_name", "parse_hook_name"]
+Modules here are imported by path (`loop_lens.model.looped`, ...): the package itself imports
+nothing, so the cache can use the hook names and containers without importing the model, and
+the model can build caches without an import cycle.
+"""

@@ -81,7 +81,8 @@ class Rotary(nn.Module):
             self._cache = {key: (emb.cos(), emb.sin())}
         return self._cache[key]
 
-    def apply(self, x: Float[Tensor, "batch pos head d_head"], rope: tuple[Tensor, Tensor]) -> Tensor:
+    def rotate(self, x: Float[Tensor, "batch pos head d_head"], rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Rotate queries or keys by their positions' angles (`rope` = cos, sin from `forward`)."""
         cos, sin = (r[None, :, None, :] for r in rope)
         xf = x.float()
         if self.style == "rotate_half":
@@ -150,7 +151,7 @@ class Attention(nn.Module):
             q, k = q + self.q_bias, k + self.k_bias
         q, k, v = hooks.hook_q(q), hooks.hook_k(k), hooks.hook_v(v)
         if rope is not None:
-            q, k = hooks.hook_rot_q(rotary.apply(q, rope)), hooks.hook_rot_k(rotary.apply(k, rope))
+            q, k = hooks.hook_rot_q(rotary.rotate(q, rope)), hooks.hook_rot_k(rotary.rotate(k, rope))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
         if has_hooks(hooks.hook_attn_scores) or has_hooks(hooks.hook_pattern):
             if self.n_kv != self.n_heads:

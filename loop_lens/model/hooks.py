@@ -1,7 +1,7 @@
 """Hook-point containers. They hold no weights, so one set can exist per iteration.
 
-Their attribute paths are the hook names of `shared/docs/contract.md`: a `BlockHooks` placed at
-`iter[3].blocks[1]` gives `iter.3.blocks.1.attn.hook_pattern`.
+Their attribute paths are the hook names (`docs/hooks.md`): a `BlockHooks` placed at
+`iter["3"].blocks[1]` gives `iter.3.blocks.1.attn.hook_pattern`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,28 @@ from transformer_lens.hook_points import HookPoint
 
 from loop_lens.config import LoopConfig
 
+# Every attribute a hooks container can have (see the classes below); `NO_HOOKS` answers these
+# and refuses any other name, so a misspelt hook name fails loudly instead of doing nothing.
+HOOK_ATTRIBUTES = frozenset({
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    "ln1", "ln2", "ln1_post", "ln2_post", "attn", "mlp",
+    "hook_scale", "hook_normalized",
+    "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_z",
+    "hook_pre", "hook_pre_linear", "hook_post",
+    "hook_state_pre", "hook_injected", "blocks", "ln_state", "hook_state_post", "hook_exit_logit",
+})
+
 
 class _NoHooks:
-    """Stands in for any hooks container: every attribute is itself, calling it is identity."""
+    """Stands in for any hooks container: every known attribute is itself, calling it is identity,
+    and `blocks[l]` is itself too. Unknown attribute names raise AttributeError."""
 
     def __getattr__(self, name: str) -> _NoHooks:
+        if name in HOOK_ATTRIBUTES:
+            return self
+        raise AttributeError(f"no hook point or hooks container named {name!r}; known: {sorted(HOOK_ATTRIBUTES)}")
+
+    def __getitem__(self, index: int) -> _NoHooks:
         return self
 
     def __call__(self, x):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import numbers
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -14,12 +19,33 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from loop_lens.cache import LoopCache
 from loop_lens.config import LoopConfig
+from loop_lens.errors import HookError, HookNameError
 from loop_lens.model.components import Block, Injection, Norm, Rotary
 from loop_lens.model.hooks import NO_HOOKS, BlockHooks, IterationHooks, NormHooks
+from loop_lens.model.names import parse_hook_name
+from loop_lens.tokenization import decode_each, encode_batch
 
 TokensLike = Union[str, Sequence[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 EXIT_MODES = ("last", "weighted", "threshold")
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+def check_n_loops(n_loops: Any, default: int) -> int:
+    """`n_loops` as a positive int (any integral value, numpy and torch integers included), or
+    `default` when it is None; anything else raises ValueError naming the value."""
+    if n_loops is None:
+        return default
+    if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral):
+        if isinstance(n_loops, Tensor) and n_loops.numel() == 1 and not n_loops.is_floating_point() and n_loops.dtype != torch.bool:
+            n_loops = int(n_loops)
+        else:
+            raise ValueError(f"n_loops must be a positive integer, got {n_loops!r} ({type(n_loops).__name__})")
+    if n_loops < 1:
+        raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
+    return int(n_loops)
 
 
 class HookedNorm(Norm):
@@ -34,12 +60,90 @@ class HookedNorm(Norm):
         return super().forward(x, self if hooks is None else hooks)
 
 
+class _StopAtLayer(Exception):
+    """Raised inside the forward when the unrolled depth reaches `stop_at_layer`."""
+
+    def __init__(self, residual: Tensor):
+        super().__init__()
+        self.residual = residual
+
+
+@dataclass
+class _Run:
+    """One forward pass's inputs, checked once before any compute, and its depth counter."""
+
+    tokens: Tensor
+    n_loops: int
+    exit: Union[str, int]
+    mask: Optional[Tensor]
+    rotary: Optional[Rotary]
+    rope: Optional[tuple[Tensor, Tensor]]
+    stop_at_layer: Optional[int]
+    depth: int = 0
+
+    def layer(self, block: Block, hooks: Any, x: Tensor) -> Tensor:
+        """Run one layer of the unrolled stack, or stop here if `stop_at_layer` says so."""
+        if self.depth == self.stop_at_layer:
+            raise _StopAtLayer(x)
+        self.depth += 1
+        return block(x, hooks, self.rotary, self.rope, self.mask)
+
+
+@dataclass
+class _FilterHook:
+    """A hook attached by a name filter. Its iteration hook points are created when a run reaches
+    them, so a filter reaches every iteration of every run, whatever ran before."""
+
+    names: Callable[[str], bool]
+    hook: Callable
+    dir: str
+    level: Optional[int]
+    is_permanent: bool
+    prepend: bool
+    attached: set[int] = field(default_factory=set)
+
+
+def _checked_hook(user_hook: Callable) -> Callable:
+    """Wrap a forward hook so that a return value that cannot replace the activation (another
+    shape, dtype, device, or not a tensor) raises HookError naming the hook point."""
+
+    @functools.wraps(user_hook)
+    def checked(activation: Tensor, hook: HookPoint) -> Optional[Tensor]:
+        out = user_hook(activation, hook=hook)
+        if out is None:
+            return None
+        if not isinstance(out, Tensor):
+            raise HookError(
+                f"hook {_hook_label(user_hook)} on {hook.name} returned a {type(out).__name__}; return a tensor "
+                f"of shape {tuple(activation.shape)} and dtype {activation.dtype}, or None to keep the activation"
+            )
+        if out.shape != activation.shape or out.dtype != activation.dtype or out.device != activation.device:
+            raise HookError(
+                f"hook {_hook_label(user_hook)} on {hook.name} returned shape {tuple(out.shape)} {out.dtype} on "
+                f"{out.device}, but the activation is {tuple(activation.shape)} {activation.dtype} on "
+                f"{activation.device}; a hook must return the same shape, dtype and device (or None)"
+            )
+        return out
+
+    return checked
+
+
+def _hook_label(hook: Callable) -> str:
+    func = hook.func if isinstance(hook, functools.partial) else hook
+    return repr(getattr(func, "__qualname__", type(func).__name__))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(isinstance(m, HookPoint) and (m._forward_hooks or m._backward_hooks) for m in module.modules())
+
+
 class HookedLoopedTransformer(HookedRootModule):
     """A looped transformer whose hook names carry the iteration: `iter.{t}.blocks.{l}.*`.
 
-    Parameters exist once (`prelude_blocks`, `blocks` for the recurrent block, `coda_blocks`);
-    hook points exist per site (`prelude.{l}`, `iter.{t}.blocks.{l}`, `coda.{l}`). Hook points for
-    a new iteration count are added on first use and kept.
+    Parameters exist once (`prelude_blocks`, `blocks` for the recurrent block, `coda_blocks`).
+    Hook points exist for the prelude, the coda and the final norm, and for an iteration only
+    while something is hooked or cached there: `iter` holds those, keyed by the iteration, so a
+    run of any length costs no memory per iteration.
     """
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
@@ -58,7 +162,7 @@ class HookedLoopedTransformer(HookedRootModule):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_block))
         self.injection = Injection(cfg) if cfg.injection != "none" else None
         self.exit_gate = nn.Linear(D, 1) if cfg.exit_gate else None
-        self.iter = nn.ModuleList()
+        self.iter = nn.ModuleDict()  # iteration index (str) -> IterationHooks, only where hooked
         self.coda_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.coda = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_coda))
         self.ln_final = HookedNorm(D, cfg.normalization_type, cfg.norm_eps)
@@ -68,16 +172,13 @@ class HookedLoopedTransformer(HookedRootModule):
         self.unembed = nn.Linear(D, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
-        self.ensure_loops(cfg.default_loops)
+        template = IterationHooks(cfg)
+        self._iter_suffixes = tuple(n for n, m in template.named_modules() if isinstance(m, HookPoint))
+        self._filter_hooks: list[_FilterHook] = []
+        self._warned_long_input = False
+        self.setup()
 
     # ------------------------------------------------------------------ structure
-    def ensure_loops(self, n_loops: int) -> None:
-        """Make sure hook points exist for iterations 0..n_loops-1 (created once, then reused)."""
-        if n_loops > len(self.iter):
-            for _ in range(len(self.iter), n_loops):
-                self.iter.append(IterationHooks(self.cfg))
-            self.setup()
-
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         return self.unembed.weight.T
@@ -95,10 +196,117 @@ class HookedLoopedTransformer(HookedRootModule):
         return self.embed.weight.dtype
 
     def loop_hook_names(self, iteration: int = 0) -> list[str]:
-        """The hook names of one iteration (the loop's slice of `hook_dict`)."""
-        self.ensure_loops(iteration + 1)
-        prefix = f"iter.{iteration}."
-        return [n for n in self.hook_dict if n.startswith(prefix)]
+        """The hook names of one iteration, whether or not its hook points exist yet."""
+        return [f"iter.{iteration}.{s}" for s in self._iter_suffixes]
+
+    def hook_names(self, n_loops: Optional[int] = None) -> list[str]:
+        """Every hook name a run with `n_loops` iterations fires, in the order they fire."""
+        T = check_n_loops(n_loops, self.cfg.default_loops)
+        fixed = [n for n in self.hook_dict if not n.startswith("iter.")]
+        before = [n for n in fixed if n.startswith(("hook_embed", "hook_pos_embed", "prelude."))]
+        after = [n for n in fixed if n not in before]
+        return before + [n for t in range(T) for n in self.loop_hook_names(t)] + after
+
+    def ensure_loops(self, n_loops: int) -> None:
+        """Create the hook points of iterations 0..n_loops-1 now (they are otherwise created when
+        a hook or cache reaches them, and dropped when nothing is attached any more)."""
+        self._materialise(range(check_n_loops(n_loops, self.cfg.default_loops)))
+
+    def _iteration_hooks(self, t: int) -> Any:
+        """The hooks container of iteration t: its hook points if they exist, else NO_HOOKS."""
+        return self.iter[str(t)] if str(t) in self.iter else NO_HOOKS
+
+    def _materialise(self, iterations: Any) -> None:
+        missing = [t for t in iterations if str(t) not in self.iter]
+        for t in missing:
+            self.iter[str(t)] = IterationHooks(self.cfg)
+        if missing:
+            self.setup()
+
+    def _release(self) -> None:
+        """Drop the hook points of iterations where nothing is attached any more."""
+        idle = [k for k, it in self.iter.items() if not _has_hooks(it)]
+        for k in idle:
+            del self.iter[k]
+        if idle:
+            self.setup()
+
+    def _hook_point(self, name: str) -> HookPoint:
+        """The hook point called `name`, creating its iteration's hook points if needed."""
+        hp = self.mod_dict.get(name)
+        if isinstance(hp, HookPoint):
+            return hp
+        try:
+            parts = parse_hook_name(name)
+        except ValueError:
+            parts = None
+        if parts is not None and parts.phase == "loop" and name.split(".", 2)[2] in self._iter_suffixes:
+            self._materialise([parts.iteration])
+            return self.mod_dict[name]
+        known = [n for n in self.hook_dict if not n.startswith("iter.")] + self.loop_hook_names(0)
+        close = difflib.get_close_matches(name.replace(f"iter.{parts.iteration}.", "iter.0.") if parts and parts.iteration is not None else name, known, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise HookNameError(f"no hook point named {name!r} on this model{hint} (model.hook_names(T) lists them all)")
+
+    # ------------------------------------------------------------------ hooks (TransformerLens API)
+    def add_hook(
+        self,
+        name: Union[str, Callable[[str], bool]],
+        hook: Callable,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: Optional[int] = None,
+        prepend: bool = False,
+    ) -> None:
+        """TransformerLens's `add_hook`. A name creates its iteration's hook points; a filter
+        applies to every iteration of every later run (its hook points are created as runs reach
+        them). Forward hooks that return a wrong shape, dtype or type raise HookError."""
+        fn = _checked_hook(hook) if dir == "fwd" else hook
+        if isinstance(name, str):
+            hp = self._hook_point(name)
+            self.check_and_add_hook(hp, name, fn, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+            return
+        if not callable(name):
+            raise TypeError(f"a hook name must be a string or a filter function, got {type(name).__name__}")
+        for n, hp in list(self.hook_dict.items()):
+            if not n.startswith("iter.") and name(n):
+                self.check_and_add_hook(hp, n, fn, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+        self._filter_hooks.append(_FilterHook(name, fn, dir, level, is_permanent, prepend))
+
+    def _enable_hook(self, name: Union[str, Callable], hook: Callable, dir: str) -> None:
+        self.add_hook(name, hook, dir=dir, level=self.context_level)
+
+    def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False, level: Optional[int] = None) -> None:
+        """TransformerLens's hook removal; also forgets matching filter hooks and drops the hook
+        points of iterations left with no hooks."""
+        super().remove_all_hook_fns(direction, including_permanent=including_permanent, level=level)
+        self._filter_hooks = [
+            f for f in self._filter_hooks
+            if not ((direction in ("both", f.dir)) and (including_permanent or not f.is_permanent) and (level is None or f.level == level))
+        ]
+        self._release()
+
+    def _attach_filter_hooks(self, n_loops: int) -> None:
+        """Give every filter hook the iterations of this run it has not reached yet."""
+        for f in self._filter_hooks:
+            for t in range(n_loops):
+                if t in f.attached:
+                    continue
+                f.attached.add(t)
+                names = [n for n in self.loop_hook_names(t) if f.names(n)]
+                if names:
+                    self._materialise([t])
+                for n in names:
+                    self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent, level=f.level, prepend=f.prepend)
+
+    def _check_hooks_fire(self, n_loops: int) -> None:
+        for key, it in self.iter.items():
+            if int(key) >= n_loops and _has_hooks(it):
+                hooked = next(m.name for m in it.modules() if isinstance(m, HookPoint) and (m._forward_hooks or m._backward_hooks))
+                raise HookNameError(
+                    f"a hook is attached at {hooked}, but this run has n_loops={n_loops} (iterations 0..{n_loops - 1}): "
+                    "it would not fire. Run more iterations, or remove it with model.reset_hooks()"
+                )
 
     # ------------------------------------------------------------------ tokens
     def to_tokens(self, text: Union[str, Sequence[str]], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
@@ -109,17 +317,16 @@ class HookedLoopedTransformer(HookedRootModule):
         self, text: Union[str, Sequence[str]], prepend_bos: bool = True
     ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """Tokens and attention mask (1 = real token) for one string or a list, right-padded."""
-        from loop_lens.tokenization import encode_batch
-
         if self.tokenizer is None:
             raise ValueError("this model carries no tokenizer; pass token ids instead of text")
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("no text given: an empty list of prompts")
         tokens, mask = encode_batch(self.tokenizer, texts, prepend_bos=prepend_bos)
         return tokens.to(self.device), mask.to(self.device)
 
     def to_str_tokens(self, text_or_tokens: Union[str, Tensor, Sequence[int]]) -> list[str]:
-        from loop_lens.tokenization import decode_each
-
+        """The string of every token (of a text, or of token ids)."""
         if self.tokenizer is None:
             raise ValueError("this model carries no tokenizer")
         if isinstance(text_or_tokens, str):
@@ -128,39 +335,96 @@ class HookedLoopedTransformer(HookedRootModule):
             ids = torch.as_tensor(text_or_tokens).reshape(-1).tolist()
         return decode_each(self.tokenizer, ids)
 
-    def _as_tokens(self, input: TokensLike) -> Tensor:
+    def _as_tokens(self, input: TokensLike) -> tuple[Tensor, Optional[Tensor]]:
+        """Token ids [batch, pos] (and the padding mask when text was given), checked."""
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            return self.to_tokens(input)
-        tokens = torch.as_tensor(input, device=self.device)
+            tokens, mask = self.tokenize(input)
+            return tokens, mask
+        try:
+            tokens = torch.as_tensor(input, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"input must be token ids [batch, pos] or text, got {type(input).__name__}: {err}") from err
         if tokens.ndim == 1:
             tokens = tokens[None]
-        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got [{tokens.min()}, {tokens.max()}]")
-        return tokens
+        if tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor [batch, pos], got shape {tuple(tokens.shape)} dtype {tokens.dtype}")
+        if tokens.numel() == 0:
+            raise ValueError(f"empty input: tokens have shape {tuple(tokens.shape)}; give at least one token per prompt")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens.long(), None
+
+    # ------------------------------------------------------------------ checks, once per forward
+    def _prepare(
+        self,
+        input: TokensLike,
+        n_loops: Any,
+        attention_mask: Optional[Tensor],
+        return_type: Optional[str],
+        exit: Union[None, str, int],
+        stop_at_layer: Any,
+    ) -> _Run:
+        """Check every argument before any compute and return the run's settings."""
+        cfg = self.cfg
+        T = check_n_loops(n_loops, cfg.default_loops)
+        tokens, text_mask = self._as_tokens(input)
+        B, S = tokens.shape
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
+        if return_type in ("loss", "both") and S < 2:
+            raise ValueError(f"a loss needs at least 2 tokens per prompt (it predicts each next token); got {S}")
+        mask = self._check_mask(attention_mask if attention_mask is not None else text_mask, B, S)
+        if cfg.positional_embedding_type == "learned" and S > cfg.n_ctx:
+            raise ValueError(f"sequence length {S} exceeds n_ctx={cfg.n_ctx} (learned position embeddings)")
+        if cfg.positional_embedding_type == "rotary" and S > cfg.n_ctx and not self._warned_long_input:
+            self._warned_long_input = True
+            warnings.warn(f"input of {S} tokens is longer than n_ctx={cfg.n_ctx}: the model was not trained on "
+                          "sequences this long", stacklevel=3)
+        depth = cfg.depth(T)
+        if stop_at_layer is not None:
+            if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, numbers.Integral):
+                raise ValueError(f"stop_at_layer must be an integer, got {stop_at_layer!r}")
+            if not -depth <= stop_at_layer <= depth:
+                raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{depth}, {depth}] (the unrolled depth at n_loops={T})")
+            stop_at_layer = int(stop_at_layer) % depth if stop_at_layer < 0 else int(stop_at_layer)
+        self._check_hooks_fire(T)
+        self._attach_filter_hooks(T)
+        rope = self.rotary(S, tokens.device) if self.rotary is not None else None
+        return _Run(tokens, T, self._resolve_exit(exit, T, return_type), mask, self.rotary, rope, stop_at_layer)
+
+    def _check_mask(self, mask: Optional[Tensor], B: int, S: int) -> Optional[Tensor]:
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask, device=self.device)
+        if tuple(mask.shape) != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the tokens have shape {(B, S)}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"attention_mask marks no real token in prompt(s) {empty}")
+        return None if bool(mask.all()) else mask.long()
+
+    def _resolve_exit(self, exit: Union[None, str, int], T: int, return_type: Optional[str]) -> Union[str, int]:
+        """The exit a run takes. With `exit=None` it is the checkpoint's own default: for Ouro the
+        gate's threshold exit (or `early_exit_step`), and the weighted exit when a loss is asked
+        for, as `OuroForCausalLM.forward` does with labels."""
+        gated = self.exit_gate is not None
+        if exit is None:
+            if gated and return_type in ("loss", "both"):
+                return "weighted"
+            exit = self.cfg.default_exit
+            if isinstance(exit, int) and not isinstance(exit, bool) and not 0 <= exit < T:
+                exit = "threshold"
+        elif isinstance(exit, bool) or not (exit in EXIT_MODES or (isinstance(exit, numbers.Integral) and 0 <= exit < T)):
+            raise ValueError(f"exit must be one of {EXIT_MODES} or an iteration index in [0, {T}), got {exit!r}")
+        if exit in ("weighted", "threshold") and not gated:
+            raise ValueError(f"exit={exit!r} needs a model with an exit gate (Ouro)")
+        if isinstance(exit, numbers.Integral) and exit == T - 1:
+            return "last"
+        return exit if isinstance(exit, str) else int(exit)
 
     # ------------------------------------------------------------------ the forward pass
-    def initial_state(
-        self,
-        e: Float[Tensor, "batch pos d_model"],
-        generator: Optional[torch.Generator] = None,
-        seed: Optional[int] = None,
-    ) -> Float[Tensor, "batch pos d_model"]:
-        """The state entering iteration 0, from `cfg.initial_state` (embedding, zeros or
-        truncated normal with `cfg.init_std`, times `cfg.init_scale`)."""
-        kind = self.cfg.initial_state
-        if kind == "embed":
-            return e
-        if kind == "zeros" or self.cfg.init_std == 0:
-            return torch.zeros_like(e)
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=e.device).manual_seed(seed)
-        std = self.cfg.init_std
-        s = torch.empty(e.shape, dtype=torch.float32, device=e.device)
-        nn.init.trunc_normal_(s, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
-        return (s * self.cfg.init_scale).to(e.dtype)
-
     def forward(
         self,
         input: TokensLike,
@@ -171,99 +435,139 @@ class HookedLoopedTransformer(HookedRootModule):
         seed: Optional[int] = None,
         attention_mask: Optional[Tensor] = None,
         return_type: Optional[str] = "logits",
-        exit: Union[str, int] = "last",
+        exit: Union[None, str, int] = None,
         stop_at_layer: Optional[int] = None,
         loss_per_token: bool = False,
     ) -> Any:
-        """Run the model.
+        """Run the model: embed, prelude, the loop, coda, unembed.
 
         Args:
             input: token ids [batch, pos] (or [pos]), or text when a tokenizer is attached.
-            n_loops: iterations of the recurrent block (default `cfg.default_loops`); any int >= 1.
+            n_loops: iterations of the recurrent block (default `cfg.default_loops`); any integer >= 1.
             initial_state: the state entering iteration 0, [batch, pos, d_model]; overrides
                 `cfg.initial_state`. The state used is always visible at `iter.0.hook_state_pre`.
-            generator / seed: randomness for a truncated-normal start state.
+            generator / seed: randomness for a truncated-normal start state. With `seed=`, each
+                prompt draws its own start state over its real tokens, so a prompt gets the same
+                numbers alone, in any batch and with any padding.
             attention_mask: [batch, pos], 1 for real tokens (padding is masked out of keys).
             return_type: "logits", "loss", "both" (logits, loss) or None.
-            exit: "last" (logits after the last iteration), an int t (exit after iteration t),
-                "weighted" (Ouro: sum_t p_t * logits_t) or "threshold" (Ouro: first t whose
-                cumulative exit probability reaches `cfg.early_exit_threshold`).
-            stop_at_layer: stop before this unrolled depth and return the residual stream there.
+            exit: None (the checkpoint's own default: the last iteration, or for Ouro the gate's
+                threshold exit), "last", an iteration index t, "weighted" (Ouro: sum_t p_t logits_t)
+                or "threshold" (Ouro: first t whose cumulative exit probability reaches
+                `cfg.early_exit_threshold`).
+            stop_at_layer: stop before this unrolled depth and return the residual stream there;
+                the full depth returns the residual before the final norm (TransformerLens's
+                convention).
+            loss_per_token: with a loss, return it per token [batch, pos - 1].
         """
-        cfg = self.cfg
-        tokens = self._as_tokens(input)
-        T = cfg.default_loops if n_loops is None else n_loops
-        if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-            raise ValueError(f"n_loops must be a positive int, got {n_loops!r}")
-        if exit not in EXIT_MODES and not (isinstance(exit, int) and 0 <= exit < T):
-            raise ValueError(f"exit must be one of {EXIT_MODES} or an iteration index < {T}, got {exit!r}")
-        if exit in ("weighted", "threshold") and self.exit_gate is None:
-            raise ValueError(f"exit={exit!r} needs a model with an exit gate (Ouro)")
-        depth_total = cfg.depth(T)
-        if stop_at_layer is not None and stop_at_layer < 0:
-            stop_at_layer += depth_total
-        self.ensure_loops(T)
-        B, S = tokens.shape
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
-            if tuple(attention_mask.shape) != (B, S):
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {(B, S)}")
-            if bool(attention_mask.all()):
-                attention_mask = None
-        rope = self.rotary(S, tokens.device) if self.rotary is not None else None
-        run = lambda blk, x, hooks: blk(x, hooks, self.rotary, rope, attention_mask)  # noqa: E731
+        run = self._prepare(input, n_loops, attention_mask, return_type, exit, stop_at_layer)
+        try:
+            e = self._prelude(self._embed(run.tokens), run)
+            s0 = self._start_state(e, run, initial_state, generator, seed)
+            s, states, gates = self._loop(s0, e, run)
+            x = self._coda(self._to_coda(s, hooked=True), run)
+        except _StopAtLayer as stop:
+            return stop.residual
+        if run.stop_at_layer == run.depth:
+            return x
+        logits = self._unembed(x)
+        if run.exit != "last":
+            logits = self._exit_logits(states, gates, run, logits)
+        return self._outputs(logits, run, return_type, loss_per_token)
 
-        x = self.hook_embed(self.embed(tokens) * cfg.embed_scale)
-        if cfg.positional_embedding_type == "learned":
-            if S > cfg.n_ctx:
-                raise ValueError(f"sequence length {S} exceeds n_ctx={cfg.n_ctx}")
-            x = x + self.hook_pos_embed(self.pos_embed(torch.arange(S, device=tokens.device)))[None]
-        depth = 0
+    def _embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        x = self.hook_embed(self.embed(tokens) * self.cfg.embed_scale)
+        if self.cfg.positional_embedding_type == "learned":
+            x = x + self.hook_pos_embed(self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device)))[None]
+        return x
+
+    def _prelude(self, x: Float[Tensor, "batch pos d_model"], run: _Run) -> Float[Tensor, "batch pos d_model"]:
         for blk, hooks in zip(self.prelude_blocks, self.prelude):
-            if depth == stop_at_layer:
-                return x
-            x, depth = run(blk, x, hooks), depth + 1
-        e = x
-        if initial_state is not None:
-            if tuple(initial_state.shape) != tuple(e.shape):
-                raise ValueError(f"initial_state shape {tuple(initial_state.shape)} != expected {tuple(e.shape)}")
-            s = initial_state.to(device=e.device, dtype=e.dtype)
-        else:
-            s = self.initial_state(e, generator=generator, seed=seed)
-        keep_states = exit != "last"
+            x = run.layer(blk, hooks, x)
+        return x
+
+    def _start_state(self, e: Tensor, run: _Run, given: Optional[Tensor], generator, seed) -> Tensor:
+        if given is None:
+            return self.initial_state(e, generator=generator, seed=seed, attention_mask=run.mask)
+        if not isinstance(given, Tensor) or tuple(given.shape) != tuple(e.shape):
+            shape = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+            raise ValueError(f"initial_state has shape {shape}, expected {tuple(e.shape)} [batch, pos, d_model]")
+        return given.to(device=e.device, dtype=e.dtype)
+
+    def _loop(
+        self, s: Float[Tensor, "batch pos d_model"], e: Float[Tensor, "batch pos d_model"], run: _Run
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """`n_loops` iterations of: inject, the block, (Ouro) the per-iteration norm and exit gate.
+        Returns the last state, and every state and gate logit when the exit needs them."""
+        keep = run.exit != "last"
         states, gates = [], []
-        for t in range(T):
-            it = self.iter[t]
+        for t in range(run.n_loops):
+            it = self._iteration_hooks(t)
             s = it.hook_state_pre(s)
             if self.injection is not None:
                 s = it.hook_injected(self.injection(s, e))
-            for blk, hooks in zip(self.blocks, it.blocks):
-                if depth == stop_at_layer:
-                    return s
-                s, depth = run(blk, s, hooks), depth + 1
-            if cfg.iter_norm:
+            for layer, blk in enumerate(self.blocks):
+                s = run.layer(blk, it.blocks[layer], s)
+            if self.cfg.iter_norm:
                 s = self.ln_final(s, it.ln_state)
             s = it.hook_state_post(s)
             if self.exit_gate is not None:
-                gates.append(it.hook_exit_logit(self.exit_gate(s).squeeze(-1)))
-            if keep_states:
+                gate = it.hook_exit_logit(self.exit_gate(s).squeeze(-1))
+                if keep:
+                    gates.append(gate)
+            if keep:
                 states.append(s)
-        if stop_at_layer is not None and stop_at_layer >= depth_total:
-            raise ValueError(f"stop_at_layer={stop_at_layer} is past the unrolled depth {depth_total}")
-        x = self._to_coda(s, hooked=True)
-        for blk, hooks in zip(self.coda_blocks, self.coda):
-            if depth == stop_at_layer:
-                return x
-            x, depth = run(blk, x, hooks), depth + 1
-        logits = self.unembed(self.ln_final(x) if cfg.final_norm else x)
-        if keep_states:
-            logits = self._exit_logits(states, gates, exit, attention_mask, logits)
-        return self._outputs(logits, tokens, attention_mask, return_type, loss_per_token)
+        return s, states, gates
 
     def _to_coda(self, s: Tensor, hooked: bool) -> Tensor:
         if self.cfg.norm_after_loop:
             s = self.ln_final(s, self.ln_loop if hooked else NO_HOOKS)
         return self.hook_latent(s) if hooked else s
+
+    def _coda(self, x: Float[Tensor, "batch pos d_model"], run: _Run) -> Float[Tensor, "batch pos d_model"]:
+        for blk, hooks in zip(self.coda_blocks, self.coda):
+            x = run.layer(blk, hooks, x)
+        return x
+
+    def _unembed(self, x: Float[Tensor, "batch pos d_model"], hooked: bool = True) -> Float[Tensor, "batch pos d_vocab"]:
+        if self.cfg.final_norm:
+            x = self.ln_final(x) if hooked else self.ln_final(x, NO_HOOKS)
+        return self.unembed(x)
+
+    def initial_state(
+        self,
+        e: Float[Tensor, "batch pos d_model"],
+        generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
+        attention_mask: Optional[Tensor] = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The state entering iteration 0, from `cfg.initial_state` (embedding, zeros or
+        truncated normal with `cfg.init_std`, times `cfg.init_scale`).
+
+        With `seed=` (and no generator) every prompt draws its own state over its real tokens
+        (`attention_mask`), from a generator seeded with `seed`: the same prompt gets the same
+        start state alone, in any batch and with any padding. With `generator=` one draw fills the
+        whole batch, as the reference code does."""
+        cfg = self.cfg
+        if cfg.initial_state == "embed":
+            return e
+        if cfg.initial_state == "zeros" or cfg.init_std == 0:
+            return torch.zeros_like(e)
+        if seed is not None and generator is None:
+            s = torch.zeros(e.shape, dtype=torch.float32, device=e.device)
+            for b in range(e.shape[0]):
+                real = attention_mask[b].bool() if attention_mask is not None else slice(None)
+                n = int(attention_mask[b].sum()) if attention_mask is not None else e.shape[1]
+                g = torch.Generator(device=e.device).manual_seed(int(seed))
+                s[b, real] = self._trunc_normal((n, e.shape[-1]), g, e.device)
+        else:
+            s = self._trunc_normal(tuple(e.shape), generator, e.device)
+        return (s * cfg.init_scale).to(e.dtype)
+
+    def _trunc_normal(self, shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+        std = self.cfg.init_std
+        s = torch.empty(shape, dtype=torch.float32, device=device)
+        return nn.init.trunc_normal_(s, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
 
     def finish(
         self,
@@ -278,80 +582,102 @@ class HookedLoopedTransformer(HookedRootModule):
         x = self._to_coda(state, hooked=False)
         for blk in self.coda_blocks:
             x = blk(x, NO_HOOKS, self.rotary, rope, attention_mask)
-        return self.unembed(self.ln_final(x, NO_HOOKS) if self.cfg.final_norm else x)
+        return self._unembed(x, hooked=False)
 
     def exit_distribution(self, gate_logits: Float[Tensor, "T batch pos"]) -> Float[Tensor, "T batch pos"]:
         """Ouro's exit probabilities: p_t = lambda_t prod_{j<t}(1 - lambda_j), the last step
-        taking the remaining mass (lambda = sigmoid(gate))."""
-        lam = torch.sigmoid(gate_logits.float())
-        survive = torch.cumprod(1 - lam, dim=0)
-        survive_before = torch.cat([torch.ones_like(lam[:1]), survive[:-1]], dim=0)
-        p = lam * survive_before
-        p[-1] = survive_before[-1]
-        return p
+        taking the remaining mass (lambda = sigmoid(gate)); computed step by step in the gate's
+        dtype, in the reference's order, so threshold decisions match it exactly."""
+        lam = torch.sigmoid(gate_logits)
+        remaining = torch.ones_like(lam[0])
+        p = []
+        for t in range(lam.shape[0] - 1):
+            p.append(lam[t] * remaining)
+            remaining = remaining * (1.0 - lam[t])
+        p.append(remaining)
+        return torch.stack(p)
 
-    def _exit_logits(self, states, gates, exit, mask, last_logits) -> Tensor:
-        if isinstance(exit, int):
-            return last_logits if exit == len(states) - 1 else self.finish(states[exit], mask)
-        step_logits = torch.stack([self.finish(s, mask) for s in states[:-1]] + [last_logits])
+    def _exit_logits(self, states: list[Tensor], gates: list[Tensor], run: _Run, last_logits: Tensor) -> Tensor:
+        if isinstance(run.exit, int):
+            return self.finish(states[run.exit], run.mask)
+        step_logits = [self.finish(s, run.mask) for s in states[:-1]] + [last_logits]
         p = self.exit_distribution(torch.stack(gates))  # [T, batch, pos]
-        if exit == "weighted":
-            return (p[..., None] * step_logits.float()).sum(0).to(last_logits.dtype)
+        if run.exit == "weighted":
+            out = step_logits[0] * p[0, ..., None].to(last_logits.dtype)
+            for logits, p_t in zip(step_logits[1:], p[1:]):
+                out = out + logits * p_t[..., None].to(last_logits.dtype)
+            return out
         reached = torch.cumsum(p, dim=0) >= self.cfg.early_exit_threshold
-        reached[-1] = True
-        first = reached.float().argmax(dim=0)  # [batch, pos]
-        idx = first[None, ..., None].expand(1, *step_logits.shape[1:])
-        return step_logits.gather(0, idx)[0]
+        first = torch.where(reached.any(0), reached.float().argmax(dim=0), len(states) - 1)  # [batch, pos]
+        stacked = torch.stack(step_logits)
+        return stacked.gather(0, first[None, ..., None].expand(1, *stacked.shape[1:]))[0]
 
-    def _outputs(self, logits, tokens, mask, return_type, per_token):
+    def _outputs(self, logits: Tensor, run: _Run, return_type: Optional[str], per_token: bool) -> Any:
         if return_type == "logits":
             return logits
         if return_type is None:
             return None
-        if return_type not in ("loss", "both"):
-            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+        nll = -logp.gather(-1, run.tokens[:, 1:, None])[..., 0]
         if per_token:
             loss = nll
-        elif mask is not None:
-            m = mask[:, 1:].float()
-            loss = (nll * m).sum() / m.sum()
+        elif run.mask is not None:
+            m = run.mask[:, 1:].float()
+            loss = (nll * m).sum() / m.sum().clamp_min(1)
         else:
             loss = nll.mean()
         return loss if return_type == "loss" else (logits, loss)
 
     # ------------------------------------------------------------------ TransformerLens run methods
-    def run_with_hooks(self, *model_args: Any, fwd_hooks=(), bwd_hooks=(), **kwargs: Any) -> Any:
-        """TransformerLens's run_with_hooks; hook points for `n_loops` iterations exist first."""
-        self.ensure_loops(self._loops_of(model_args, kwargs))
-        return super().run_with_hooks(*model_args, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), **kwargs)
-
     def run_with_cache(
         self,
         *model_args: Any,
-        names_filter: Union[None, str, list[str], Callable[[str], bool]] = None,
+        names_filter: NamesFilter = None,
         cache_dtype: Optional[torch.dtype] = None,
         **kwargs: Any,
-    ) -> tuple[Any, LoopCache]:  # noqa: F821
+    ) -> tuple[Any, LoopCache]:
         """Run and cache activations; returns (output, LoopCache).
 
-        Accepts TransformerLens's options (`names_filter` as str / list / callable, `device`,
-        `pos_slice`, `remove_batch_dim`, ...) and `cache_dtype` to store activations smaller.
+        `names_filter` is TransformerLens's (a name, a list of names, or a function of the name);
+        only the hook points it selects are created and cached. Accepts TransformerLens's options
+        (`device`, `pos_slice`, `remove_batch_dim`, ...) and `cache_dtype` to store activations
+        smaller. A filter that selects nothing warns; a listed name that is no hook point of this
+        run raises HookNameError.
         """
-        from loop_lens.cache import LoopCache
-
-        n_loops = self._loops_of(model_args, kwargs)
-        self.ensure_loops(n_loops)
-        out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        T = self._loops_of(model_args, kwargs)
+        wanted = self._names_in_run(names_filter, T)
+        if not wanted:
+            warnings.warn(f"names_filter {names_filter!r} matches no hook point of this run: the cache is empty", stacklevel=2)
+        out, cache_dict = super().run_with_cache(*model_args, names_filter=wanted.__contains__, **kwargs)
         if cache_dtype is not None:
             cache_dict = {k: v.to(cache_dtype) if v.is_floating_point() else v for k, v in cache_dict.items()}
         has_batch = not kwargs.get("remove_batch_dim", False)
-        return out, LoopCache(cache_dict, self, n_loops=n_loops, has_batch_dim=has_batch)
+        return out, LoopCache(cache_dict, self, n_loops=T, has_batch_dim=has_batch)
+
+    def _names_in_run(self, names_filter: NamesFilter, n_loops: int) -> set[str]:
+        """The hook names a filter selects among those a run of `n_loops` fires; creates their
+        iterations' hook points."""
+        if isinstance(names_filter, str) or (isinstance(names_filter, Sequence) and not callable(names_filter)):
+            listed = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+            for name in listed:
+                self._hook_point(name)
+                parts = parse_hook_name(name) if name.startswith("iter.") else None
+                if parts is not None and parts.iteration >= n_loops:
+                    raise HookNameError(f"{name!r} is at iteration {parts.iteration}, but this run has n_loops={n_loops}")
+            return set(listed)
+        if names_filter is not None and not callable(names_filter):
+            raise ValueError(f"names_filter must be None, a name, a list of names or a function, got {type(names_filter).__name__}")
+        keep = names_filter or (lambda name: True)
+        wanted = {n for n in self.hook_dict if not n.startswith("iter.") and keep(n)}
+        for t in range(n_loops):
+            names = [n for n in self.loop_hook_names(t) if keep(n)]
+            if names:
+                self._materialise([t])
+                wanted.update(names)
+        return wanted
 
     def _loops_of(self, args: tuple, kwargs: dict) -> int:
-        n = kwargs.get("n_loops", args[1] if len(args) > 1 else None)
-        return self.cfg.default_loops if n is None else int(n)
+        return check_n_loops(kwargs.get("n_loops", args[1] if len(args) > 1 else None), self.cfg.default_loops)
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: Union[str, Path]) -> Path:
