@@ -1,15 +1,21 @@
 """`loop-lens`: inspect, convert and list looped models from the shell.
 
-Heavy imports (torch, transformer_lens) happen inside the commands so `--help` stays fast.
-Exit codes: 0 success, 1 a problem with the input (message on stderr), 2 bad usage.
+Importing any part of loop_lens imports torch (the package's `__init__` runs first), so the
+commands import loop_lens inside their functions and `--help` stays fast.
+Exit codes: 0 success, 1 a problem with the input (one line on stderr), 2 bad usage, 3 a bug
+(one line; LOOP_LENS_DEBUG=1 prints the traceback), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
 DEFAULT_MODEL = "zoo:tiny-random"
@@ -40,74 +46,115 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import loop_lens as ll
 
     dst = Path(args.dst)
-    if dst.exists() and any(dst.iterdir()) and not args.force:
-        raise ll.LoadError(f"{dst} exists and is not empty; pass --force to write into it")
+    src_dir = _checkpoint_dir(args.src)
+    if src_dir is not None and dst.exists() and dst.resolve() == src_dir.resolve():
+        raise ll.SaveError(f"the output {dst} is the checkpoint being converted; write to another directory")
+    if dst.exists() and not dst.is_dir():
+        raise ll.SaveError(f"{dst} is a file, not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not args.force:
+        raise ll.SaveError(f"{dst} exists and is not empty; pass --force to replace what is there")
     model = ll.load(args.src, family=args.family)
-    model.save(dst)
+    model.save(dst, overwrite=args.force)
     print(f"wrote {model.cfg.family} model {model.cfg.layout} to {dst}")
     return 0
 
 
-def _read_prompts(spec: str) -> list[str]:
-    """A prompts argument: a file (one prompt per line, or a JSON list) or the text itself."""
-    from pathlib import Path
+def _checkpoint_dir(spec: str) -> Optional[Path]:
+    """The directory a model argument reads from (a zoo model's too), or None for a hub id."""
+    if spec.startswith("zoo:"):
+        from loop_lens.zoo import zoo_path
 
+        return Path(zoo_path(spec[4:]))
+    path = Path(spec).expanduser()
+    return path if path.is_dir() else None
+
+
+def _read_prompts(text: Optional[str], file: Optional[str]) -> list[str]:
+    """Prompts from `--prompts` (the text itself, or a file when a file of that name exists) or
+    `--prompts-file` (one prompt per line, or a JSON list of strings)."""
     from loop_lens.errors import LoadError
 
-    path = Path(spec)
-    looks_like_file = path.suffix in (".txt", ".json", ".jsonl") or "/" in spec
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            try:
-                prompts = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise LoadError(f"prompts file {path} is not valid JSON: {err}") from err
-            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-                raise LoadError(f"prompts file {path} must hold a JSON list of strings")
-        else:
-            prompts = [line for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise LoadError(f"prompts file {path} holds no prompts")
-        return prompts
-    if looks_like_file:
-        raise LoadError(f"prompts file {spec} does not exist")
-    return [spec]
+    if file is None and text is not None and Path(text).is_file():
+        file = text
+    if file is None:
+        if not text or not text.strip():
+            raise LoadError("--prompts is empty: give a prompt, or a file with --prompts-file")
+        if Path(text).suffix in (".txt", ".json", ".jsonl"):
+            print(f"loop-lens: note: there is no file {text}; using it as the prompt text (--prompts-file names a file)",
+                  file=sys.stderr)
+        return [text]
+    path = Path(file)
+    if not path.is_file():
+        raise LoadError(f"prompts file {path} does not exist")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LoadError(f"prompts file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if "\x00" in content:
+        raise LoadError(f"prompts file {path} is binary (it holds NUL bytes), not text")
+    if path.suffix == ".json":
+        try:
+            prompts = json.loads(content)
+        except json.JSONDecodeError as err:
+            raise LoadError(f"prompts file {path} is not valid JSON: {err}") from err
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise LoadError(f"prompts file {path} must hold a JSON list of strings")
+        prompts = [p for p in prompts if p.strip()]
+    else:
+        prompts = [line for line in content.splitlines() if line.strip()]
+    if not prompts:
+        raise LoadError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any compute, outputs that would overwrite each other or an input."""
+    from loop_lens.errors import SaveError
+
+    outputs = [("--out", Path(args.out))] + ([("--json", Path(args.json))] if args.json else [])
+    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
+        raise SaveError(f"--out and --json both name {args.out}: give two different files")
+    inputs = [Path(p) for p in (args.prompts_file, args.prompts) if p and Path(p).is_file()]
+    model_dir = _checkpoint_dir(args.model)
+    for flag, target in outputs:
+        if target.is_dir():
+            raise SaveError(f"cannot write {flag} {target}: it is a directory")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise SaveError(f"cannot write {flag} {target}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise SaveError(f"cannot write {flag} {target}: permission denied")
+        for source in inputs:
+            if target.resolve() == source.resolve():
+                raise SaveError(f"{flag} {target} is the prompts file; the report would overwrite its input")
+        if model_dir is not None and target.exists() and target.resolve().parent == model_dir.resolve():
+            raise SaveError(f"{flag} {target} is a file of the checkpoint {args.model}; the report would overwrite its input")
 
 
 def _report(args: argparse.Namespace) -> int:
-    import shlex
-    from pathlib import Path
-
     import loop_lens as ll
+    from loop_lens.checks import check_n_loops
     from loop_lens.errors import LoadError
     from loop_lens.report import build_report
 
-    out = Path(args.out)
-    for target in filter(None, [out, Path(args.json) if args.json else None]):
-        if target.exists() and target.is_dir():
-            raise LoadError(f"cannot write {target}: it is a directory")
-        parent = target.parent if str(target.parent) else Path(".")
-        if not parent.is_dir():
-            raise LoadError(f"cannot write {target}: directory {parent} does not exist")
-        import os
-
-        if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-            raise LoadError(f"cannot write {target}: permission denied")
-    prompts = _read_prompts(args.prompts)
+    n_loops = check_n_loops(args.n_loops, 1)
+    _check_outputs(args)
+    prompts = _read_prompts(args.prompts, args.prompts_file)
     model = ll.load(args.model, family=args.family)
     if model.tokenizer is None:
         raise LoadError(f"{args.model} carries no tokenizer (tokenizer.json); the report needs text prompts it can tokenize")
+    length = int(model.tokenize(prompts[:1])[1].sum())
+    if not -length <= args.position < length:
+        raise ValueError(f"--position {args.position} is outside the first prompt's {length} tokens "
+                         f"(use 0..{length - 1}, or -1 for the last)")
     command = "loop-lens " + " ".join(shlex.quote(a) for a in args.argv)
-    report = build_report(model, prompts, n_loops=args.n_loops, model_name=args.model, command=command,
-                          position=args.position, seed=args.seed, progress=not args.quiet)
-    report.save(out, json_path=args.json)
-    print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
+    report = build_report(model, prompts, n_loops=n_loops if args.n_loops is not None else None, model_name=args.model,
+                          command=command, position=args.position, seed=args.seed, progress=not args.quiet)
+    report.save(Path(args.out), json_path=args.json)
+    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
     return 0
 
 
@@ -146,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write a standalone HTML head-stability report (opens offline)")
     p.add_argument("model", help="checkpoint directory or zoo:<name>")
-    p.add_argument("--prompts", required=True, help="a prompt, or a file: one prompt per line (.txt) or a JSON list")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompts", help="a prompt (or, if a file of that name exists, that file)")
+    given.add_argument("--prompts-file", help="a file: one prompt per line, or a JSON list of strings (.json)")
     p.add_argument("--n-loops", type=int, default=None, help="iterations to run (default: the model's own)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--json", default=None, help="also write the numbers as JSON to this file")
@@ -168,13 +217,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from loop_lens.errors import ConfigError, LoadError
+    from loop_lens.errors import ConfigError, HookError, LoadError, SaveError
 
     try:
         return args.func(args)
-    except (LoadError, ConfigError, OSError, ValueError) as err:
+    except (LoadError, ConfigError, SaveError, HookError, OSError, ValueError) as err:
         print(f"loop-lens: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("loop-lens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not the user's mistake: one line unless asked for more
+        if os.environ.get("LOOP_LENS_DEBUG"):
+            traceback.print_exc()
+        print(f"loop-lens: internal error: {type(err).__name__}: {err} (a bug in loop_lens; set LOOP_LENS_DEBUG=1 "
+              "for the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_report_writes_html_and_json(capsys, tmp_path):
 
 def test_report_errors(capsys, tmp_path):
     out = str(tmp_path / "r.html")
-    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts", str(tmp_path / "none.txt"), "--out", out)
+    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts-file", str(tmp_path / "none.txt"), "--out", out)
     assert code == 1 and "prompts file" in err and "does not exist" in err
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2")
@@ -87,7 +87,7 @@ def test_report_errors(capsys, tmp_path):
     assert code == 1 and "not valid JSON" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts", str(empty), "--out", out)
+    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts-file", str(empty), "--out", out)
     assert code == 1 and "holds no prompts" in err
     code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts", "ab|a1=", "--out", str(tmp_path / "no" / "r.html"))
     assert code == 1 and "does not exist" in err and not (tmp_path / "no").exists()
@@ -98,3 +98,81 @@ def test_report_errors(capsys, tmp_path):
     code, _, err = run(capsys, "report", str(golden("huginn-tiny")), "--prompts", "ab", "--out", out)
     assert code == 1 and "carries no tokenizer" in err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_an_inline_prompt_with_a_slash_is_a_prompt_not_a_path(capsys, tmp_path):
+    code, out, err = run(capsys, "report", "zoo:tiny-random", "--prompts", "ab/a1=", "--n-loops", "2",
+                         "--out", str(tmp_path / "r.html"), "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "r.html").is_file() and "ab/a1=" in (tmp_path / "r.html").read_text()
+
+
+def _hashes(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_report_outputs_that_would_destroy_an_input_are_refused_before_any_compute(capsys, tmp_path, monkeypatch):
+    import loop_lens.report
+
+    def never(*args, **kwargs):
+        raise AssertionError("the report was computed")
+
+    monkeypatch.setattr(loop_lens.report, "build_report", never)
+    ckpt = tmp_path / "ckpt"
+    assert run(capsys, "convert", "zoo:tiny-random", str(ckpt))[0] == 0
+    before = _hashes(ckpt)
+    for name in before:
+        code, _, err = run(capsys, "report", str(ckpt), "--prompts", "ab", "--out", str(ckpt / name))
+        assert code == 1 and "overwrite its input" in err and name in err
+    assert _hashes(ckpt) == before
+    same = str(tmp_path / "x")
+    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts", "ab", "--out", same, "--json", same)
+    assert code == 1 and "both name" in err and not (tmp_path / "x").exists()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ab\n")
+    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts-file", str(prompts), "--out", str(prompts))
+    assert code == 1 and "prompts file" in err and prompts.read_text() == "ab\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--position", "999"], "--position 999 is outside"),
+        (["--position", "-999"], "is outside"),
+        (["--n-loops", "0"], "n_loops must be a positive integer"),
+        (["--n-loops", "-3"], "n_loops must be a positive integer"),
+    ],
+)
+def test_report_argument_mistakes_get_one_line_and_no_traceback(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts", "ab|a1=", "--out", str(tmp_path / "r.html"),
+                       "--quiet", *argv)
+    assert code == 1 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_binary_prompts_file_is_named(capsys, tmp_path):
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts-file", str(blob), "--out", str(tmp_path / "r.html"))
+    assert code == 1 and str(blob) in err and ("not UTF-8" in err or "binary" in err)
+
+
+def test_a_bug_prints_one_line_and_exit_code_3(capsys, monkeypatch):
+    import loop_lens.cli as cli
+
+    def broken(args):
+        return 1 // 0
+
+    monkeypatch.setattr(cli, "_inspect", broken)
+    code, _, err = run(capsys, "inspect")
+    assert code == 3 and "internal error: ZeroDivisionError" in err and "Traceback" not in err
+
+
+def test_convert_refuses_to_write_over_its_own_source(capsys, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert run(capsys, "convert", "zoo:tiny-random", str(ckpt))[0] == 0
+    before = _hashes(ckpt)
+    code, _, err = run(capsys, "convert", str(ckpt), str(ckpt), "--force")
+    assert code == 1 and "is the checkpoint being converted" in err and _hashes(ckpt) == before

@@ -20,32 +20,19 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from loop_lens.cache import LoopCache
+from loop_lens.checks import check_n_loops
 from loop_lens.config import LoopConfig
 from loop_lens.errors import HookError, HookNameError
 from loop_lens.model.components import Block, Injection, Norm, Rotary
 from loop_lens.model.hooks import NO_HOOKS, BlockHooks, IterationHooks, NormHooks
 from loop_lens.model.names import parse_hook_name
+from loop_lens.saving import save_checkpoint
 from loop_lens.tokenization import decode_each, encode_batch
 
 TokensLike = Union[str, Sequence[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 EXIT_MODES = ("last", "weighted", "threshold")
 RETURN_TYPES = ("logits", "loss", "both", None)
-
-
-def check_n_loops(n_loops: Any, default: int) -> int:
-    """`n_loops` as a positive int (any integral value, numpy and torch integers included), or
-    `default` when it is None; anything else raises ValueError naming the value."""
-    if n_loops is None:
-        return default
-    if isinstance(n_loops, bool) or not isinstance(n_loops, numbers.Integral):
-        if isinstance(n_loops, Tensor) and n_loops.numel() == 1 and not n_loops.is_floating_point() and n_loops.dtype != torch.bool:
-            n_loops = int(n_loops)
-        else:
-            raise ValueError(f"n_loops must be a positive integer, got {n_loops!r} ({type(n_loops).__name__})")
-    if n_loops < 1:
-        raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
-    return int(n_loops)
 
 
 class HookedNorm(Norm):
@@ -680,21 +667,12 @@ class HookedLoopedTransformer(HookedRootModule):
         return check_n_loops(kwargs.get("n_loops", args[1] if len(args) > 1 else None), self.cfg.default_loops)
 
     # ------------------------------------------------------------------ saving
-    def save(self, directory: Union[str, Path]) -> Path:
-        """Write loop_lens's native format: `model.safetensors` + `loop_config.json`
-        (+ `tokenizer.json` when a `tokenizers` tokenizer is attached)."""
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.cfg.tie_embeddings:
-            state.pop("unembed.weight", None)
-        save_file(state, str(d / "model.safetensors"), metadata={"format": "loop_lens"})
-        self.cfg.to_json(d / "loop_config.json")
-        if self.tokenizer is not None and hasattr(self.tokenizer, "to_str"):
-            (d / "tokenizer.json").write_text(self.tokenizer.to_str())
-        return d
+    def save(self, directory: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write loop_lens's native format (`loop_config.json`, `model.safetensors`, and
+        `tokenizer.json` when a `tokenizers` tokenizer is attached), atomically: killed at any
+        moment, the folder loads as the previous checkpoint or as this one. A folder holding
+        anything but an earlier loop_lens save is refused (SaveError) unless `overwrite=True`."""
+        return save_checkpoint(self, directory, overwrite=overwrite)
 
     def extra_repr(self) -> str:
         return f"layout={self.cfg.layout}, family={self.cfg.family!r}"
