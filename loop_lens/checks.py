@@ -1,5 +1,5 @@
-"""Argument checks shared by the model, the analyses, the report and the CLI (no torch import,
-so the CLI can check its arguments before loading anything heavy)."""
+"""Argument checks shared by the model, the analyses, the report and the CLI: one rule and one
+message for each kind of number, whoever asks."""
 
 from __future__ import annotations
 
@@ -7,18 +7,27 @@ import operator
 from typing import Any
 
 
-def check_n_loops(n_loops: Any, default: int) -> int:
-    """`n_loops` as a positive int: any integral value (Python, numpy or 0-d integer torch), or
-    `default` when it is None. Zero, negatives, floats, bools and strings raise ValueError."""
-    if n_loops is None:
-        return default
-    is_bool = isinstance(n_loops, bool) or str(getattr(n_loops, "dtype", "")) in ("bool", "torch.bool")
+def integer(value: Any, name: str) -> int:
+    """`value` as an int: any integral value (Python, numpy, 0-d integer tensor); never a bool, a
+    float or a string. Raises ValueError naming `name`."""
+    is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
     try:
-        value = operator.index(n_loops)
+        number = None if is_bool else operator.index(value)
     except TypeError:
-        value = None
-    if is_bool or value is None:
-        raise ValueError(f"n_loops must be a positive integer, got {n_loops!r} ({type(n_loops).__name__})")
-    if value < 1:
-        raise ValueError(f"n_loops must be a positive integer, got {value}")
-    return value
+        number = None
+    if number is None:
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return number
+
+
+def positive_int(value: Any, name: str) -> int:
+    """`value` as an int >= 1 (see `integer`)."""
+    number = integer(value, name)
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {number}")
+    return number
+
+
+def check_n_loops(n_loops: Any, default: int) -> int:
+    """`n_loops` as a positive int, or `default` when it is None."""
+    return default if n_loops is None else positive_int(n_loops, "n_loops")

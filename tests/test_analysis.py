@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 from conftest import golden, tiny_model
+from transformer_lens import head_detector
 
 import loop_lens as ll
+from loop_lens import analysis as A
 from loop_lens.analysis import attention as att
 from loop_lens.analysis.batching import aggregate, over_prompts
 from loop_lens.analysis.fixed_points import classify_tokens, cyclic_similarity, fixed_points, step_sizes
@@ -102,6 +104,79 @@ def test_cyclic_similarity_is_banded_for_a_two_layer_cycle():
     assert sim.labels[:3] == ["t0.l0", "t0.l1", "t1.l0"]
 
 
+def test_fixed_points_against_a_longer_reference_on_a_geometric_trajectory():
+    """X_t = base + 0.5^t; the reference runs to T_ref = 12, so X* = base + 0.5^11 and the
+    distance at t is |0.5^t - 0.5^11| * sqrt(S * D)."""
+    model = tiny_model("pre")
+    base = torch.randn(1, 2, 1, 3, 32)
+
+    def run(T: int) -> LoopCache:
+        return fake_cache(model, base + torch.tensor([0.5**t for t in range(T)]).view(T, 1, 1, 1, 1))
+
+    fp = fixed_points(run(6), reference=run(12))
+    expected = torch.tensor([abs(0.5**t - 0.5**11) for t in range(6)]) * math.sqrt(3 * 32)
+    torch.testing.assert_close(fp.distance[:, 0, 0], expected)
+    assert fp.reference_loops == 12
+    torch.testing.assert_close(fixed_points(run(6)).distance[-1], torch.zeros(2, 1))  # its own last iteration
+
+
+def test_attention_cyclic_similarity_leaves_padding_out(tokens):
+    """A padded prompt has the same attention similarity as the prompt run alone."""
+    model = tiny_model("pre")
+    mask = torch.ones_like(tokens)
+    mask[1, 4:] = 0
+    _, padded = model.run_with_cache(tokens, n_loops=3, attention_mask=mask)
+    _, alone = model.run_with_cache(tokens[1:, :4], n_loops=3)
+    _, first = model.run_with_cache(tokens[:1], n_loops=3)
+    both = cyclic_similarity(padded, of="attention", mask=mask).matrix
+    expected = (cyclic_similarity(alone, of="attention").matrix + cyclic_similarity(first, of="attention").matrix) / 2
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=1e-5)
+    assert (cyclic_similarity(padded, of="attention").matrix - both).abs().max() > 1e-3  # the mask matters here
+
+
+def test_results_take_keyword_arguments_only():
+    x = torch.zeros(2, 1, 1)
+    with pytest.raises(TypeError):
+        A.StepSizes(x, x, x, x, x)
+    steps = A.StepSizes(norm=x, relative=x, cosine=x, per_token=x[..., None], per_token_cosine=x[..., None])
+    assert len(steps.to_frame()) == 2
+
+
+# ---------------------------------------------------------------------- devices
+def test_every_analysis_makes_its_tensors_on_the_cache_device(tokens):
+    """With the default device set to `meta`, a tensor made without `device=` lands on meta and
+    any op that meets the (CPU) cache's tensors raises, as a CPU tensor would on a CUDA cache."""
+    model = tiny_model("huginn")
+    mask = torch.ones_like(tokens)
+    mask[1, 5:] = 0
+    _, cache = model.run_with_cache(tokens, n_loops=4, seed=0, attention_mask=mask)
+    _, reference = model.run_with_cache(tokens, n_loops=6, seed=0, attention_mask=mask)
+    with torch.device("meta"), pytest.raises(RuntimeError, match="meta"):
+        torch.arange(3) + cache["iter.0.hook_state_post"][0, :3, 0]  # the check bites
+    calls = {
+        "step_sizes": lambda: step_sizes(cache, mask=mask).convergence_iteration(1e-3),
+        "step_sizes frame": lambda: step_sizes(cache, mask=mask).to_frame(),
+        "fixed_points": lambda: fixed_points(cache, reference=reference, mask=mask).to_frame(),
+        "cyclic resid": lambda: cyclic_similarity(cache, mask=mask).to_frame(),
+        "cyclic attention": lambda: cyclic_similarity(cache, of="attention", mask=mask),
+        "classify_tokens": lambda: classify_tokens(cache, max_period=3).to_frame(),
+        "attention_stability": lambda: att.attention_stability(model, cache, tokens, mask).table(),
+        "logit_lens": lambda: logit_lens(model, cache, mask=mask).entry_point(2),
+        "logit_lens frame": lambda: logit_lens(model, cache, mask=mask, lens="coda").to_frame(),
+        "logit_lens_of_states": lambda: A.logit_lens_of_states(model, cache, mask=mask).to_frame(),
+        "coda_lens": lambda: A.coda_lens(model, cache, mask=mask),
+        "depth_profile": lambda: depth_profile(cache, baseline_cache=reference, mask=mask).to_frame(),
+        "pca_trajectory": lambda: pca_trajectory(cache).to_frame(),
+        "over_prompts": lambda: over_prompts(model, [[1, 2, 3], [4, 5]], lambda c, t, m: step_sizes(c, mask=m), n_loops=2, progress=False),
+    }
+    for name, call in calls.items():
+        with torch.device("meta"):
+            try:
+                call()
+            except (RuntimeError, NotImplementedError, TypeError) as error:
+                pytest.fail(f"{name} made a tensor off the cache's device: {error}")
+
+
 # ---------------------------------------------------------------------- attention metrics
 def test_hand_written_patterns_have_known_metrics():
     n = 4
@@ -147,6 +222,17 @@ def test_head_type_scores_recognise_a_previous_token_head():
     assert scores["previous_token"][0, 0].item() == pytest.approx((S - 1) / S)
     assert scores["diagonal"][0, 1].item() == pytest.approx(1.0)
     assert scores["first_token"][0, 1].item() == pytest.approx(1 / S)
+
+
+def test_detection_patterns_equal_transformer_lens_head_detector():
+    tokens = torch.randint(0, 4, (3, 9), generator=torch.Generator().manual_seed(0))  # many repeats
+    patterns = att.detection_patterns(tokens)
+    for b in range(3):
+        one = tokens[b : b + 1]
+        torch.testing.assert_close(patterns["previous_token"][b], head_detector.get_previous_token_head_detection_pattern(one))
+        torch.testing.assert_close(patterns["induction"][b], head_detector.get_induction_head_detection_pattern(one))
+    assert patterns["induction"].sum() > 0
+    assert torch.equal(patterns["diagonal"][0], torch.eye(9)) and torch.equal(patterns["first_token"][0].sum(0), torch.tensor([9.0] + [0.0] * 8))
 
 
 def test_attention_stability_on_a_model(tokens):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model
 
 from loop_lens.analysis.attention import attention_stability
 from loop_lens.analysis.fixed_points import step_sizes
+from loop_lens.analysis.result import Result
 from loop_lens.analysis.stages import logit_lens
 from loop_lens.analysis.streaming import stream_analyses
 
@@ -30,3 +32,36 @@ def test_streaming_equals_cache_based_analyses(tokens):
     torch.testing.assert_close(streamed.lens_top1_prob, lens.top_probs[:, :, :, [2, 6], 0])
     torch.testing.assert_close(streamed.lens_entropy, lens.entropy[:, :, :, [2, 6]])
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_streaming_result_table_and_picture(tokens):
+    model = tiny_model("huginn")
+    streamed = stream_analyses(model, tokens, n_loops=5, seed=0, lens_positions=[0, -1])
+    assert isinstance(streamed, Result) and streamed.lens == "logit" and list(streamed.lens_positions) == [0, 6]
+    frame = streamed.to_frame()
+    T, L, B = 5, 2, 2
+    assert len(frame) == T * L * B and list(frame.columns[:3]) == ["iteration", "layer", "batch"]
+    assert {"step", "relative_step", "cosine", "change_frobenius", "resid_step", "top1_at_0", "top1_prob_at_6", "entropy_at_6"} <= set(frame.columns)
+    row = frame[(frame.iteration == 3) & (frame.layer == 1) & (frame.batch == 1)].iloc[0]
+    assert row.relative_step == pytest.approx(float(streamed.steps.relative[3, 1, 1]))
+    assert row.change_frobenius == pytest.approx(float(streamed.attention.change_frobenius[3, 1, 1].mean()))
+    assert row.top1_at_6 == int(streamed.lens_top1[3, 1, 1, 1]) and row.entropy_at_0 == pytest.approx(float(streamed.lens_entropy[3, 1, 1, 0]))
+    fig = streamed.plot("entropy_at_6")
+    assert len(fig.data) == L and fig.data[1].y[3] == pytest.approx(float(streamed.lens_entropy[3, 1, :, 1].mean()))
+    with pytest.raises(ValueError, match="value must be one of the measured columns"):
+        streamed.plot("batch")
+    only_lens = stream_analyses(model, tokens, n_loops=5, seed=0, fixed_point=False, attention=False)
+    assert only_lens.steps is None and only_lens.attention is None and "step" not in only_lens.to_frame()
+
+
+def test_streaming_keeps_its_buffers_on_the_model_device(tokens):
+    """With the default device set to `meta`, a buffer made without `device=` lands on meta and the
+    first hook that writes into it raises."""
+    model = tiny_model("huginn")
+    mask = torch.ones_like(tokens)
+    mask[0, 6:] = 0
+    with torch.device("meta"):
+        for lens in ("logit", "coda"):
+            streamed = stream_analyses(model, tokens, n_loops=3, seed=0, attention_mask=mask, lens=lens)
+            assert streamed.steps.norm.device.type == "cpu" and streamed.lens_top1.device.type == "cpu"
+            streamed.to_frame()

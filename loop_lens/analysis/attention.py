@@ -12,10 +12,11 @@ from typing import Optional
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import head_detector
 
+from loop_lens.analysis import _checks
+from loop_lens.analysis._types import LoopedModel, Mask
 from loop_lens.analysis.fixed_points import step_sizes
 from loop_lens.analysis.result import Result, first_stable, long_frame
 from loop_lens.cache import LoopCache
@@ -24,7 +25,19 @@ EPS = 1e-12
 HEAD_TYPES = ("previous_token", "induction", "first_token", "diagonal")
 
 
+def _pattern_mask(pattern: Tensor, mask: Optional[Mask]) -> Optional[Tensor]:
+    """`mask` [B, S] checked against the shape of a pattern [..., B, H, S, S], on its device (the
+    analyses check the mask's values once, before calling these)."""
+    if mask is None:
+        return None
+    if pattern.ndim < 4:
+        raise ValueError(f"a mask needs patterns [..., batch, head, query, key], got shape {list(pattern.shape)}")
+    _checks.mask_shape(mask, pattern.shape[-4], pattern.shape[-1], holder="the pattern")
+    return mask.to(pattern.device)
+
+
 def _n(pattern: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Real positions per pattern, [...] (the pattern's leading dims)."""
     if mask is None:
         return torch.full(pattern.shape[:-2], pattern.shape[-1], dtype=pattern.dtype, device=pattern.device)
     n = mask.sum(-1).to(pattern.dtype)  # [B]; patterns are [..., B, H, q, k]
@@ -40,9 +53,10 @@ def _query_mask(pattern: Tensor, mask: Optional[Tensor]) -> Tensor:
     return m.expand(*pattern.shape[:-1], 1)
 
 
-def colsum_concentration(pattern: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+def colsum_concentration(pattern: Float[Tensor, "*lead q k"], mask: Optional[Mask] = None) -> Float[Tensor, "*lead"]:
     """`C = 1 + (1/log n) sum_j chat_j log chat_j` with `chat_j = (sum_i A_ij) / n`: 0 when every
     key receives the same total attention, 1 when one key receives all of it."""
+    mask = _pattern_mask(pattern, mask)
     p = pattern.float() * _query_mask(pattern.float(), mask)
     n = _n(p, mask)
     chat = p.sum(-2) / n[..., None]  # [..., k]
@@ -50,21 +64,27 @@ def colsum_concentration(pattern: Float[Tensor, "... q k"], mask: Optional[Tenso
     return 1 + plogp.sum(-1) / torch.log(n.clamp_min(2))
 
 
-def sink_score(pattern: Float[Tensor, "... q k"], key: int = 0, mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+def sink_score(pattern: Float[Tensor, "*lead q k"], key: int = 0, mask: Optional[Mask] = None) -> Float[Tensor, "*lead"]:
     """`(1/n) sum_i A_ik`: the average attention every query pays to key `key` (0 = first token)."""
+    key = _checks.index(key, "key", pattern.shape[-1], "key positions")
+    mask = _pattern_mask(pattern, mask)
     p = pattern.float() * _query_mask(pattern.float(), mask)
     return p[..., key].sum(-1) / _n(p, mask)
 
 
-def mixing_score(pattern: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+def mixing_score(pattern: Float[Tensor, "*lead q k"], mask: Optional[Mask] = None) -> Float[Tensor, "*lead"]:
     """Mean row entropy `(1/n) sum_i H(A_i,:)` in nats."""
+    mask = _pattern_mask(pattern, mask)
     p = pattern.float()
     h = -torch.where(p > 0, p * torch.log(p.clamp_min(EPS)), torch.zeros_like(p)).sum(-1, keepdim=True)
     return (h * _query_mask(p, mask)).sum((-2, -1)) / _n(p, mask)
 
 
-def js_divergence_rows(p: Float[Tensor, "... q k"], q: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+def js_divergence_rows(p: Float[Tensor, "*lead q k"], q: Float[Tensor, "*lead q k"], mask: Optional[Mask] = None) -> Float[Tensor, "*lead"]:
     """Jensen-Shannon divergence between matching rows of two patterns (nats), averaged over rows."""
+    if p.shape != q.shape:
+        raise ValueError(f"the two patterns differ in shape: {list(p.shape)} vs {list(q.shape)}")
+    mask = _pattern_mask(p, mask)
     p, q = p.float(), q.float()
     m = 0.5 * (p + q)
 
@@ -75,38 +95,46 @@ def js_divergence_rows(p: Float[Tensor, "... q k"], q: Float[Tensor, "... q k"],
     return (js * _query_mask(p, mask)).sum((-2, -1)) / _n(p, mask)
 
 
-def pattern_change(a: Float[Tensor, "... q k"], prev: Float[Tensor, "... q k"], mask: Optional[Tensor] = None) -> Float[Tensor, ...]:
+def pattern_change(a: Float[Tensor, "*lead q k"], prev: Float[Tensor, "*lead q k"], mask: Optional[Mask] = None) -> Float[Tensor, "*lead"]:
     """`||A - A_prev||_F` over the real query rows."""
+    mask = _pattern_mask(a, mask)
     return ((a.float() - prev.float()) * _query_mask(a.float(), mask)).flatten(-2).norm(dim=-1)
 
 
-def detection_patterns(tokens: Tensor) -> dict[str, Tensor]:
-    """[S, S] target patterns per head type; previous-token and induction come from
-    TransformerLens's head detector."""
-    S = tokens.shape[-1]
-    first = torch.zeros(S, S)
-    first[:, 0] = 1
-    return {
-        "previous_token": head_detector.get_previous_token_head_detection_pattern(tokens.cpu()),
-        "induction": head_detector.get_induction_head_detection_pattern(tokens.cpu()),
-        "first_token": first,
-        "diagonal": torch.eye(S),
-    }
+def detection_patterns(tokens: Int[Tensor, "B S"]) -> dict[str, Float[Tensor, "B S S"]]:
+    """Target patterns [B, query, key] per head type, on the tokens' device. Previous-token and
+    induction follow TransformerLens's head detector: previous-token `D[i, i-1] = 1`; induction
+    `D[i, j] = 1` for `1 <= j <= i` where the token before key j is the query's token,
+    `tokens[j-1] == tokens[i]`. First-token `D[:, 0] = 1`; diagonal `D = I`."""
+    B, S = tokens.shape
+    pos = torch.arange(S, device=tokens.device)
+    query, key = pos[:, None], pos[None, :]
+    induction = torch.zeros(B, S, S, dtype=torch.bool, device=tokens.device)
+    induction[:, :, 1:] = (tokens[:, :, None] == tokens[:, None, :-1]) & (key[:, :-1] < query)
+    fixed = {"previous_token": key == query - 1, "first_token": (key == 0).expand(S, S), "diagonal": key == query}
+    out = {kind: d.float().expand(B, S, S) for kind, d in fixed.items()}
+    out["induction"] = induction.float()
+    return {kind: out[kind] for kind in HEAD_TYPES}
 
 
-def head_type_scores(pattern: Float[Tensor, "... B H q k"], tokens: Tensor) -> dict[str, Tensor]:
+def head_type_scores(pattern: Float[Tensor, "*lead B H q k"], tokens: Int[Tensor, "B S"]) -> dict[str, Float[Tensor, "*lead B H"]]:
     """TransformerLens's "mul" head-detector score, `sum(A * D) / sum(A)`, for each head type,
-    computed for all heads at once; `tokens` is [B, S] (each batch item gets its own pattern)."""
+    computed for all heads at once; each batch item gets its own detection pattern."""
+    if pattern.ndim < 4:
+        raise ValueError(f"pattern must be [..., batch, head, query, key], got shape {list(pattern.shape)}")
+    B, S = pattern.shape[-4], pattern.shape[-1]
+    tokens = _checks.token_ids(tokens, "tokens", B, S, None, pattern.device, holder="the pattern")
+    return scores_against(pattern, detection_patterns(tokens))
+
+
+def scores_against(pattern: Float[Tensor, "*lead B H q k"], patterns: dict[str, Float[Tensor, "B q k"]]) -> dict[str, Float[Tensor, "*lead B H"]]:
+    """`sum(A * D) / sum(A)` for each detection pattern D of `detection_patterns` (made once, used
+    for every iteration)."""
     p = pattern.float()
-    out = {}
-    per_item = [detection_patterns(tokens[b]) for b in range(tokens.shape[0])]
-    for kind in HEAD_TYPES:
-        d = torch.stack([pi[kind] for pi in per_item]).to(p.device)[:, None]  # [B, 1, S, S]
-        out[kind] = (p * d).sum((-2, -1)) / p.sum((-2, -1)).clamp_min(EPS)
-    return out
+    return {kind: (p * d[:, None]).sum((-2, -1)) / p.sum((-2, -1)).clamp_min(EPS) for kind, d in patterns.items()}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AttentionStability(Result):
     """Per (iteration, block layer, batch item, head) attention metrics, with the residual step size
     of the same layer side by side."""
@@ -116,13 +144,13 @@ class AttentionStability(Result):
     concentration: Float[Tensor, "T L B H"]
     sink: Float[Tensor, "T L B H"]
     mixing: Float[Tensor, "T L B H"]
-    head_types: dict[str, Tensor]  # kind -> [T, L, B, H]
+    head_types: dict[str, Float[Tensor, "T L B H"]]  # one score tensor per kind in HEAD_TYPES
     resid_step: Float[Tensor, "T L B"]  # ||X_{l,t} - X_{l,t-1}|| of the layer's input
     kappa: Float[Tensor, "L H"]  # ||W_Q W_K^T||_2 per head (the paper's bound constant)
     d_head: int
 
-    def stabilisation_iteration(self, tol: float = 1e-2) -> Tensor:
-        """[L, B, H]: first iteration after which the Frobenius pattern change stays below `tol`."""
+    def stabilisation_iteration(self, tol: float = 1e-2) -> Int[Tensor, "L B H"]:
+        """First iteration after which the Frobenius pattern change stays below `tol` (-1: never)."""
         return first_stable(self.change_frobenius, tol)
 
     def sink_rate(self, threshold: float = 0.3) -> Float[Tensor, "T L"]:
@@ -136,6 +164,7 @@ class AttentionStability(Result):
 
     def head_type(self, iteration: int = -1) -> list[list[str]]:
         """[L][H]: the best-scoring head type at an iteration (batch mean)."""
+        iteration = _checks.index(iteration, "iteration", self.change_frobenius.shape[0], "iterations")
         scores = torch.stack([self.head_types[k][iteration].mean(1) for k in HEAD_TYPES])  # [4, L, H]
         best = scores.argmax(0)
         return [[HEAD_TYPES[i] for i in row] for row in best.tolist()]
@@ -166,6 +195,7 @@ class AttentionStability(Result):
         return pd.DataFrame(rows)
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per (iteration, layer, batch, head)."""
         frame = long_frame(self.change_frobenius, ["iteration", "layer", "batch", "head"], "change_frobenius")
         for name in ("change_js", "concentration", "sink", "mixing"):
             frame[name] = getattr(self, name).reshape(-1).cpu().numpy()
@@ -178,6 +208,8 @@ class AttentionStability(Result):
         """One line per (layer, head) across iterations; the layer's residual step dashed beside it."""
         import plotly.graph_objects as go
 
+        if metric not in ("change_frobenius", "change_js", "concentration", "sink", "mixing"):
+            raise ValueError(f"metric must be one of change_frobenius, change_js, concentration, sink, mixing; got {metric!r}")
         values = getattr(self, metric).mean(2)  # [T, L, H]
         fig = go.Figure()
         T, L, H = values.shape
@@ -190,8 +222,8 @@ class AttentionStability(Result):
         return fig
 
 
-def _kappa(model) -> Tensor:
-    """Spectral norm of W_Q W_K^T for every head of the recurrent block, [L, H]."""
+def _kappa(model: LoopedModel) -> Float[Tensor, "L H"]:
+    """Spectral norm of W_Q W_K^T for every head of the recurrent block."""
     out = []
     with torch.no_grad():
         for block in model.blocks:
@@ -202,15 +234,22 @@ def _kappa(model) -> Tensor:
     return torch.stack(out)
 
 
-def attention_stability(model, cache: LoopCache, tokens: Tensor, mask: Optional[Tensor] = None) -> AttentionStability:
+def attention_stability(
+    model: LoopedModel, cache: LoopCache, tokens: Int[Tensor, "B S"], mask: Optional[Mask] = None
+) -> AttentionStability:
     """All attention metrics from a cache holding `attn.hook_pattern` and `hook_resid_pre` for
-    every iteration; `tokens` [B, S] are needed for the head-type detection patterns."""
+    every iteration; `tokens` [B, S] (the run's input) give the head-type detection patterns."""
+    cache = _checks.loop_cache(cache)
+    _checks.same_model(model, cache)
     a = cache.stack("attn.hook_pattern").float()  # [T, L, B, H, S, S]
+    B, S = a.shape[2], a.shape[-1]
+    _checks.not_empty(B, S)
+    tok = _checks.token_ids(tokens, "tokens", B, S, model.cfg.d_vocab, a.device)
+    mask = _checks.mask_for(mask, B, S, a.device)
     nan = torch.full_like(a[:1, ..., 0, 0], float("nan"))
     change = torch.cat([nan, pattern_change(a[1:], a[:-1], mask)])
     js = torch.cat([nan, js_divergence_rows(a[1:], a[:-1], mask)])
     steps = step_sizes(cache, "hook_resid_pre", mask)
-    tok = tokens if tokens.ndim == 2 else tokens[None]
     return AttentionStability(
         change_frobenius=change,
         change_js=js,

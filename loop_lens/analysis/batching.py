@@ -9,13 +9,35 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from loop_lens.analysis import _checks
+from loop_lens.analysis._types import LoopedModel
 from loop_lens.cache import LoopCache
 
 Prompts = Union[Sequence[str], Sequence[Sequence[int]], torch.Tensor]
 
 
+def _prompt_list(prompts: Prompts) -> list:
+    """The prompts as a list, refusing an empty list, empty prompts, and text mixed with ids."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of prompts, got a single string; wrap it in a list")
+    if isinstance(prompts, torch.Tensor) and prompts.ndim != 2:
+        raise ValueError(f"prompts given as a tensor must be [n_prompts, pos], got shape {list(prompts.shape)}")
+    items = list(prompts)
+    if not items:
+        raise ValueError("prompts is empty: give at least one prompt")
+    kind = lambda item: "text" if isinstance(item, str) else "token ids"  # noqa: E731
+    for i, item in enumerate(items):
+        if not hasattr(item, "__len__"):
+            raise TypeError(f"prompt {i} must be a string or a sequence of token ids, got {type(item).__name__}")
+        if kind(item) != kind(items[0]):
+            raise TypeError(f"prompt {i} is {kind(item)} but prompt 0 is {kind(items[0])}: give all text or all token ids")
+        if len(item) == 0:
+            raise ValueError(f"prompt {i} is empty (0 characters or tokens)")
+    return items
+
+
 def iter_batches(
-    model,
+    model: LoopedModel,
     prompts: Prompts,
     n_loops: Optional[int] = None,
     batch_size: int = 8,
@@ -26,22 +48,23 @@ def iter_batches(
     """Yield (cache, tokens, attention_mask, offset) per batch of prompts. Text is tokenized with
     the model's tokenizer and right-padded; token lists are padded with 0. The mask is passed to
     the model, so padding never leaks into real positions."""
-    if isinstance(prompts, torch.Tensor):
-        items: list = list(prompts)
-    else:
-        items = list(prompts)
-    if not items:
-        raise ValueError("no prompts given")
+    items = _prompt_list(prompts)
+    text = isinstance(items[0], str)
+    n_loops = _checks.loop_count(n_loops, model.cfg.default_loops)
+    batch_size = _checks.positive_int(batch_size, "batch_size")
     bar = tqdm(range(0, len(items), batch_size), desc="prompts", disable=not progress, unit="batch")
     for start in bar:
         chunk = items[start : start + batch_size]
-        if isinstance(chunk[0], str):
+        if text:
             tokens, mask = model.tokenize(chunk)
         else:
-            seqs = [torch.as_tensor(c, dtype=torch.long) for c in chunk]
+            seqs = [torch.as_tensor(c, device=model.device) for c in chunk]
+            for i, seq in enumerate(seqs):
+                if seq.ndim != 1 or seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
+                    raise ValueError(f"prompt {start + i} must be a sequence of integer token ids, got {seq.dtype} of shape {list(seq.shape)}")
             width = max(len(s) for s in seqs)
-            tokens = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=model.device)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long, device=model.device)
             for i, s in enumerate(seqs):
                 tokens[i, : len(s)], mask[i, : len(s)] = s, 1
         _, cache = model.run_with_cache(tokens, n_loops=n_loops, attention_mask=mask, names_filter=names_filter, **run_kwargs)
@@ -49,7 +72,7 @@ def iter_batches(
 
 
 def over_prompts(
-    model,
+    model: LoopedModel,
     prompts: Prompts,
     analysis: Callable[[LoopCache, torch.Tensor, torch.Tensor], Any],
     n_loops: Optional[int] = None,

@@ -28,9 +28,12 @@ class Result(ABC):
 
 
 def long_frame(tensor: Tensor, dims: list[str], value: str) -> pd.DataFrame:
-    """A tensor as a tidy table: one column per dimension index, one for the value."""
-    t = tensor.detach().float().cpu()
-    index = torch.cartesian_prod(*[torch.arange(n) for n in t.shape]) if t.ndim > 1 else torch.arange(t.shape[0])[:, None]
+    """A tensor as a tidy table: one column per dimension index, one for the value (floats in fp32,
+    integers kept)."""
+    t = tensor.detach().cpu()
+    t = t.float() if t.is_floating_point() else t
+    ranges = [torch.arange(n, device="cpu") for n in t.shape]
+    index = torch.cartesian_prod(*ranges) if t.ndim > 1 else ranges[0][:, None]
     frame = pd.DataFrame(index.reshape(-1, t.ndim).numpy(), columns=dims)
     frame[value] = t.reshape(-1).numpy()
     return frame

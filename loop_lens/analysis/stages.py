@@ -3,56 +3,70 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from loop_lens.analysis import _checks
+from loop_lens.analysis._types import LoopedModel, Mask
 from loop_lens.analysis.attention import colsum_concentration
+from loop_lens.analysis.lens import Lens, block_lens, vocab_labels
 from loop_lens.analysis.result import Result, long_frame
 from loop_lens.cache import LoopCache
-from loop_lens.model.hooks import NO_HOOKS
+from loop_lens.model.names import hook_name
+
+LENS_VALUES = ("target_prob", "target_rank", "entropy", "kl_to_final")
+"""The [T, L, B, S] summaries `LensResult.plot` can draw."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LensResult(Result):
     """Lens summaries per (iteration, layer, batch, position); only summaries are kept, so the
     memory does not grow with the vocabulary."""
 
-    top_ids: Tensor  # [T, L, B, S, k]
-    top_probs: Tensor  # [T, L, B, S, k]
-    target_prob: Tensor  # [T, L, B, S]
-    target_rank: Tensor  # [T, L, B, S], 0 = top-1
-    entropy: Tensor  # [T, L, B, S] nats
-    kl_to_final: Tensor  # [T, L, B, S] KL(final || lens)
-    final_top: Tensor  # [B, S] the model's own top-1
-    targets: Tensor  # [B, S] the target tokens (default: the model's final top-1)
+    top_ids: Int[Tensor, "T L B S k"]
+    top_probs: Float[Tensor, "T L B S k"]
+    target_prob: Float[Tensor, "T L B S"]
+    target_rank: Int[Tensor, "T L B S"]  # 0 = top-1
+    entropy: Float[Tensor, "T L B S"]  # nats
+    kl_to_final: Float[Tensor, "T L B S"]  # KL(final || lens)
+    final_top: Int[Tensor, "B S"]  # the model's own top-1
+    targets: Int[Tensor, "B S"]  # the tracked tokens (default: the model's final top-1)
     lens: str
     str_tokens: Optional[Sequence[str]] = None  # for labels; index = token id
 
-    def entry_point(self, k: int = 1) -> Tensor:
-        """[B, S, 2]: the (iteration, layer) where the target enters the top-k and stays there, in
-        unrolled order; (-1, -1) where it never settles."""
+    def entry_point(self, k: int = 1) -> Int[Tensor, "B S 2"]:
+        """The (iteration, layer) where the target enters the top-k and stays there, in unrolled
+        order; (-1, -1) where it never settles."""
+        k = _checks.positive_int(k, "k")
         T, L = self.target_rank.shape[:2]
         inside = (self.target_rank < k).reshape(T * L, *self.target_rank.shape[2:])  # [TL, B, S]
-        outside_idx = torch.where(~inside, torch.arange(T * L)[:, None, None], torch.full_like(inside, -1, dtype=torch.long))
-        last_out = outside_idx.amax(0)  # [B, S]
+        depth = torch.arange(T * L, device=inside.device)[:, None, None]
+        last_out = torch.where(~inside, depth, torch.full_like(depth, -1)).amax(0)  # [B, S]
         first_in = last_out + 1
         first_in = torch.where(first_in >= T * L, torch.full_like(first_in, -1), first_in)
         t = torch.where(first_in >= 0, first_in // L, first_in)
         layer = torch.where(first_in >= 0, first_in % L, first_in)
         return torch.stack([t, layer], dim=-1)
 
-    def token(self, i: int) -> str:
-        return self.str_tokens[i] if self.str_tokens is not None else str(i)
+    def token(self, token_id: int) -> str:
+        """The text of a token id (the id itself without a tokenizer)."""
+        return self.str_tokens[token_id] if self.str_tokens is not None else str(token_id)
+
+    def _at(self, position: int, batch: int) -> tuple[int, int]:
+        B, S = self.target_prob.shape[2:]
+        return _checks.index(position, "position", S, "positions"), _checks.index(batch, "batch", B, "batch items")
 
     def grid(self, position: int = -1, batch: int = 0) -> pd.DataFrame:
         """Iteration x layer table of "top token (probability)" at one position."""
+        position, batch = self._at(position, batch)
         T, L = self.top_ids.shape[:2]
         data = {
             f"layer {layer}": [
@@ -64,20 +78,26 @@ class LensResult(Result):
         return pd.DataFrame(data, index=[f"iter {t}" for t in range(T)])
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per (iteration, layer, batch, position)."""
         frame = long_frame(self.target_prob, ["iteration", "layer", "batch", "position"], "target_prob")
         frame["target_rank"] = self.target_rank.reshape(-1).cpu().numpy()
-        frame["entropy"] = self.entropy.reshape(-1).cpu().numpy()
-        frame["kl_to_final"] = self.kl_to_final.reshape(-1).cpu().numpy()
+        frame["entropy"] = self.entropy.reshape(-1).float().cpu().numpy()
+        frame["kl_to_final"] = self.kl_to_final.reshape(-1).float().cpu().numpy()
         frame["top1"] = self.top_ids[..., 0].reshape(-1).cpu().numpy()
-        frame["top1_prob"] = self.top_probs[..., 0].reshape(-1).cpu().numpy()
+        frame["top1_prob"] = self.top_probs[..., 0].reshape(-1).float().cpu().numpy()
         return frame
 
     def plot(self, position: int = -1, batch: int = 0, value: str = "target_prob"):
         """Heatmap over (iteration, layer) at one position, annotated with the top token."""
         import plotly.graph_objects as go
 
+        if value not in LENS_VALUES:
+            raise ValueError(f"value must be one of {list(LENS_VALUES)}, got {value!r}")
+        position, batch = self._at(position, batch)
         z = getattr(self, value)[:, :, batch, position].float().cpu().numpy()
-        text = [[self.token(int(self.top_ids[t, layer, batch, position, 0])) for layer in range(z.shape[1])] for t in range(z.shape[0])]
+        # plotly reads text as its own HTML subset: escape token strings so they show as typed
+        text = [[html.escape(self.token(int(self.top_ids[t, layer, batch, position, 0]))) for layer in range(z.shape[1])]
+                for t in range(z.shape[0])]
         fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale="Blues",
                                    x=[f"L{layer}" for layer in range(z.shape[1])], y=[f"t{t}" for t in range(z.shape[0])]))
         fig.update_layout(title=f"{self.lens} lens: {value} (text: top-1 token)", xaxis_title="block layer", yaxis_title="iteration")
@@ -85,35 +105,39 @@ class LensResult(Result):
 
 
 def logit_lens(
-    model,
+    model: LoopedModel,
     cache: LoopCache,
-    targets: Optional[Tensor] = None,
+    targets: Optional[Int[Tensor, "B S"]] = None,
     k: int = 5,
-    lens: str = "logit",
-    mask: Optional[Tensor] = None,
+    lens: Union[str, Lens] = "logit",
+    mask: Optional[Mask] = None,
 ) -> LensResult:
-    """The logit lens `unembed(final_norm(X_{l,t}))` (or the coda lens, `lens="coda"`: the rest of
-    the network from X_{l,t}) at every (iteration, block layer), summarised per position.
+    """A lens at every (iteration, block layer) output X_{l,t}, summarised per position: the logit
+    lens `unembed(final_norm(X_{l,t}))` (`lens="logit"`), the coda lens (`lens="coda"`: the rest of
+    the network from X_{l,t}), or any `Lens` instance.
 
     `targets` [B, S] are the tokens whose probability and rank are tracked (default: the model's
     final top-1 prediction at each position, from the cache's last iteration).
     """
-    if lens == "coda" and model.cfg.n_coda == 0:
-        raise ValueError("this model has no coda; use lens='logit'")
+    cache = _checks.loop_cache(cache)
+    _checks.same_model(model, cache)
+    reader = block_lens(model, lens)
+    V = model.cfg.d_vocab
+    k = _checks.integer(k, "k", 1, V)
     x = cache.stack("hook_resid_post")  # [T, L, B, S, D]
     T, L, B, S, _ = x.shape
+    _checks.not_empty(B, S)
+    mask = _checks.mask_for(mask, B, S, x.device)
+    if targets is not None:
+        targets = _checks.token_ids(targets, "targets", B, S, V, x.device)
     with torch.no_grad():
-        final_logits = model.finish(cache[f"iter.{T - 1}.hook_state_post"], mask)
+        final_logits = model.finish(cache[hook_name("state_post", iteration=T - 1)], mask)
         final_logp = F.log_softmax(final_logits.float(), -1)  # [B, S, V]
         final_top = final_logp.argmax(-1)
-        tgt = final_top if targets is None else targets.to(final_top.device)
+        tgt = final_top if targets is None else targets
         out = {n: [] for n in ("ids", "probs", "tp", "rank", "ent", "kl")}
         for t in range(T):
-            xs = x[t]  # [L, B, S, D]
-            if lens == "logit":
-                logits = model.unembed(model.ln_final(xs, NO_HOOKS))
-            else:
-                logits = torch.stack([model.finish(xi, mask) for xi in xs])
+            logits = torch.stack([reader(x[t, layer], hook_name("resid_post", layer=layer, iteration=t), mask) for layer in range(L)])
             logp = F.log_softmax(logits.float(), -1)  # [L, B, S, V]
             p = logp.exp()
             top = logp.topk(k, dim=-1)
@@ -125,15 +149,13 @@ def logit_lens(
             out["ent"].append(-(p * logp).sum(-1))
             out["kl"].append((final_logp.exp()[None] * (final_logp[None] - logp)).sum(-1))
     st = {n: torch.stack(v) for n, v in out.items()}
-    names = None
-    if model.tokenizer is not None:
-        from loop_lens.tokenization import decode_each
-
-        names = decode_each(model.tokenizer, list(range(model.cfg.d_vocab)))
-    return LensResult(st["ids"], st["probs"], st["tp"], st["rank"], st["ent"], st["kl"], final_top, tgt, lens, names)
+    return LensResult(
+        top_ids=st["ids"], top_probs=st["probs"], target_prob=st["tp"], target_rank=st["rank"], entropy=st["ent"],
+        kl_to_final=st["kl"], final_top=final_top, targets=tgt, lens=reader.name, str_tokens=vocab_labels(model),
+    )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DepthProfile(Result):
     """ColSum concentration (mean over heads and batch) and residual norm per unrolled depth of the
     recurrent block, with the paper's three groupings; optionally a feedforward baseline."""
@@ -141,22 +163,23 @@ class DepthProfile(Result):
     concentration: Float[Tensor, "T L"]
     resid_norm: Float[Tensor, "T L"]
     bos_norm: Float[Tensor, "T L"]
-    baseline_concentration: Optional[Tensor] = None  # [depth]
-    baseline_resid_norm: Optional[Tensor] = None
+    baseline_concentration: Optional[Float[Tensor, " depth"]] = None
+    baseline_resid_norm: Optional[Float[Tensor, " depth"]] = None
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per (iteration, layer) of the looped model, then one per baseline layer."""
         T, L = self.concentration.shape
         frame = long_frame(self.concentration, ["iteration", "layer"], "concentration")
-        frame["resid_norm"] = self.resid_norm.reshape(-1).cpu().numpy()
-        frame["bos_norm"] = self.bos_norm.reshape(-1).cpu().numpy()
+        frame["resid_norm"] = self.resid_norm.reshape(-1).float().cpu().numpy()
+        frame["bos_norm"] = self.bos_norm.reshape(-1).float().cpu().numpy()
         frame["depth"] = frame["iteration"] * L + frame["layer"]
         frame["relative_depth"] = (frame["layer"] + 1) / L
         frame["model"] = "looped"
         if self.baseline_concentration is not None:
             n = len(self.baseline_concentration)
             base = pd.DataFrame({
-                "depth": range(n), "concentration": self.baseline_concentration.cpu().numpy(),
-                "resid_norm": self.baseline_resid_norm.cpu().numpy(), "relative_depth": [(i + 1) / n for i in range(n)],
+                "depth": range(n), "concentration": self.baseline_concentration.float().cpu().numpy(),
+                "resid_norm": self.baseline_resid_norm.float().cpu().numpy(), "relative_depth": [(i + 1) / n for i in range(n)],
                 "model": "feedforward",
             })
             frame = pd.concat([frame, base], ignore_index=True)
@@ -167,6 +190,8 @@ class DepthProfile(Result):
         iteration, the feedforward baseline over its own relative depth); by layer."""
         from plotly.subplots import make_subplots
 
+        if value not in ("concentration", "resid_norm"):
+            raise ValueError(f"value must be 'concentration' or 'resid_norm', got {value!r}")
         frame = self.to_frame()
         looped = frame[frame.model == "looped"]
         fig = make_subplots(rows=1, cols=3, subplot_titles=("by depth", "by recurrence", "by layer"))
@@ -183,22 +208,32 @@ class DepthProfile(Result):
         return fig
 
 
-def depth_profile(cache: LoopCache, baseline_cache: Optional[LoopCache] = None, mask: Optional[Tensor] = None) -> DepthProfile:
-    """Concentration and residual norms per (iteration, block layer); a baseline cache (a
-    feedforward model, e.g. `zoo:khop-ff`) is profiled over its own layers for comparison."""
+def _profile(cache: LoopCache, mask: Optional[Mask], name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Concentration, mean residual norm and first-token norm per (iteration, block layer)."""
     a = cache.stack("attn.hook_pattern")  # [T, L, B, H, S, S]
+    B, S = a.shape[2], a.shape[-1]
+    _checks.not_empty(B, S, name)
+    mask = _checks.mask_for(mask, B, S, a.device, holder=name)
     conc = colsum_concentration(a, mask).mean((-2, -1))
-    x = cache.stack("hook_resid_post").float()  # [T, L, B, S, D]
-    norms = x.norm(dim=-1)
+    norms = cache.stack("hook_resid_post").float().norm(dim=-1)  # [T, L, B, S]
     if mask is not None:
         m = mask.float()[None, None]
         resid = (norms * m).sum((-2, -1)) / m.sum((-2, -1))
     else:
         resid = norms.mean((-2, -1))
-    bos = norms[..., 0].mean(-1)
-    profile = DepthProfile(conc, resid, bos)
+    return conc, resid, norms[..., 0].mean(-1)
+
+
+def depth_profile(cache: LoopCache, baseline_cache: Optional[LoopCache] = None, mask: Optional[Mask] = None) -> DepthProfile:
+    """Concentration and residual norms per (iteration, block layer); a baseline cache (a
+    feedforward model on the same input, e.g. `zoo:khop-ff`) is profiled over its own layers, with
+    the same mask."""
+    cache = _checks.loop_cache(cache)
+    conc, resid, bos = _profile(cache, mask, "cache")
+    profile = DepthProfile(concentration=conc, resid_norm=resid, bos_norm=bos)
     if baseline_cache is not None:
-        ba = baseline_cache.stack("attn.hook_pattern")  # [Tb, Lb, ...] -> depth
-        profile.baseline_concentration = colsum_concentration(ba, mask).mean((-2, -1)).reshape(-1)
-        profile.baseline_resid_norm = baseline_cache.stack("hook_resid_post").float().norm(dim=-1).mean((-2, -1)).reshape(-1)
+        base = _checks.loop_cache(baseline_cache, "baseline_cache")
+        b_conc, b_resid, _ = _profile(base, mask, "baseline_cache")
+        profile.baseline_concentration = b_conc.reshape(-1)  # [T_b * L_b] = its depth
+        profile.baseline_resid_norm = b_resid.reshape(-1)
     return profile

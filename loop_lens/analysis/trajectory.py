@@ -9,11 +9,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from loop_lens.analysis import _checks
 from loop_lens.analysis.result import Result
 from loop_lens.cache import LoopCache
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trajectory(Result):
     """Coordinates of X_{l,t} for one (batch, position) on its top principal components."""
 
@@ -23,6 +24,7 @@ class Trajectory(Result):
     position: int
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per (iteration, layer) with its coordinates pc1, pc2, ..."""
         T, L, C = self.coords.shape
         rows = []
         for t in range(T):
@@ -36,6 +38,8 @@ class Trajectory(Result):
         """2-D or 3-D path through the states, coloured by block layer, in iteration order."""
         import plotly.express as px
 
+        if dims not in (2, 3) or dims > self.coords.shape[-1]:
+            raise ValueError(f"dims must be 2 or 3 and at most the {self.coords.shape[-1]} components computed, got {dims!r}")
         frame = self.to_frame()
         evr = self.explained_variance_ratio.tolist()
         title = f"Trajectory of position {self.position} (explained variance {sum(evr[:dims]):.0%})"
@@ -49,7 +53,13 @@ class Trajectory(Result):
 
 def pca_trajectory(cache: LoopCache, position: int = -1, batch: int = 0, n_components: int = 3, kind: str = "hook_resid_post") -> Trajectory:
     """PCA (centred SVD) of the states of one token over every (iteration, block layer)."""
-    x = cache.stack(kind)[:, :, batch, position].float()  # [T, L, D]
+    states = _checks.loop_cache(cache).stack(kind)  # [T, L, B, S, D]
+    B, S = states.shape[2:4]
+    _checks.not_empty(B, S)
+    position = _checks.index(position, "position", S, "positions")
+    batch = _checks.index(batch, "batch", B, "batch items")
+    n_components = _checks.positive_int(n_components, "n_components")
+    x = states[:, :, batch, position].float()  # [T, L, D]
     T, L, D = x.shape
     flat = x.reshape(T * L, D)
     centred = flat - flat.mean(0, keepdim=True)
@@ -57,4 +67,4 @@ def pca_trajectory(cache: LoopCache, position: int = -1, batch: int = 0, n_compo
     c = min(n_components, vh.shape[0])
     var = s.square()
     coords = (centred @ vh[:c].T).reshape(T, L, c)
-    return Trajectory(coords, var[:c] / var.sum().clamp_min(1e-12), batch, position)
+    return Trajectory(coords=coords, explained_variance_ratio=var[:c] / var.sum().clamp_min(1e-12), batch=batch, position=position)
