@@ -3,75 +3,60 @@
     loop-lens report zoo:khop-huginn --prompts "..." --n-loops 32 --out report.html --json report.json
 
 or from Python: `ll.report.build_report(model, prompts, n_loops=32).save("report.html")`.
-plotly.js and circuitsvis's bundle are inlined once each; nothing is fetched from a CDN.
+plotly.js and circuitsvis's bundle are inlined once each; nothing is fetched from a CDN. The page is
+rendered from Jinja2 templates with autoescape on, so model names, prompts, tokens and the command
+line appear as text and never as markup or script.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
+import numpy as np
 import pandas as pd
 import torch
+from markupsafe import Markup
 from tqdm.auto import tqdm
 
 from loop_lens.analysis.attention import attention_stability
 from loop_lens.analysis.fixed_points import cyclic_similarity, fixed_points, step_sizes
 from loop_lens.analysis.stages import logit_lens
 from loop_lens.analysis.trajectory import pca_trajectory
-from loop_lens.viz import AttentionView
+from loop_lens.checks import check_n_loops, integer
+from loop_lens.files import write_text_atomic
+from loop_lens.viz import AttentionView, circuitsvis_bundle, figure_html, parts, plotly_bundle, templates
 
 REPORT_HOOKS = ("hook_resid_post", "hook_resid_pre", "attn.hook_pattern", "hook_state_post")
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
-table.ll-table { border-collapse: collapse; font-size: .85em; }
-table.ll-table th, table.ll-table td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-table.ll-table th { background: #f3f3f3; cursor: pointer; user-select: none; }
-table.ll-table th.sorted-asc::after { content: " \\25B2"; } table.ll-table th.sorted-desc::after { content: " \\25BC"; }
-pre.ll-meta { background: #f7f7f7; padding: .8em; white-space: pre-wrap; font-size: .85em; }
-.ll-note { color: #555; font-size: .9em; }
-"""
 
-_SORT_JS = """
-document.querySelectorAll("table.ll-sortable").forEach(function(table) {
-  table.querySelectorAll("th").forEach(function(th, col) {
-    th.addEventListener("click", function() {
-      const body = table.tBodies[0], rows = Array.from(body.rows);
-      const asc = !th.classList.contains("sorted-asc");
-      table.querySelectorAll("th").forEach(h => h.classList.remove("sorted-asc", "sorted-desc"));
-      th.classList.add(asc ? "sorted-asc" : "sorted-desc");
-      const key = r => { const v = r.cells[col].dataset.value ?? r.cells[col].textContent; const n = parseFloat(v); return isNaN(n) ? v : n; };
-      rows.sort((a, b) => { const x = key(a), y = key(b); return (x > y ? 1 : x < y ? -1 : 0) * (asc ? 1 : -1); });
-      rows.forEach(r => body.appendChild(r));
-    });
-  });
-});
-"""
+class _Cell(NamedTuple):
+    """One table cell: the text shown and the `data-value` its column sorts by (None: the text)."""
+
+    text: str
+    value: Optional[str] = None
 
 
-def _table_html(frame: pd.DataFrame, table_id: str) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = []
-    for _, r in frame.iterrows():
-        cells = []
-        for v in r:
-            if isinstance(v, float):
-                text = "–" if math.isnan(v) else f"{v:.4g}"
-                cells.append(f'<td data-value="{"" if math.isnan(v) else v}">{text}</td>')
-            elif v is None:
-                cells.append('<td data-value="">–</td>')
-            else:
-                cells.append(f"<td>{html.escape(str(v))}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="ll-table ll-sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+def _cell(v: Any) -> _Cell:
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return _Cell("–", "")
+    if isinstance(v, (float, np.floating)):
+        return _Cell(f"{v:.4g}", repr(float(v)))
+    return _Cell(str(v))
+
+
+def _table_html(frame: pd.DataFrame, table_id: Optional[str] = None, sortable: bool = False,
+                index: Optional[str] = None) -> Markup:
+    """A DataFrame as an escaped HTML table; `index` names a first column holding the row labels."""
+    columns = ([index] if index is not None else []) + [str(c) for c in frame.columns]
+    rows = [([_Cell(str(label))] if index is not None else []) + [_cell(v) for v in row]
+            for label, row in zip(frame.index, frame.itertuples(index=False, name=None))]
+    return parts().table(columns, rows, table_id=table_id, sortable=sortable)
 
 
 def _clean(value: Any) -> Any:
@@ -89,45 +74,34 @@ def _clean(value: Any) -> Any:
 
 @dataclass
 class Report:
-    """The computed report: sections of HTML and the numbers behind them."""
+    """The computed report: its meta lines, its sections and the numbers behind them.
+
+    A section is `(title, body)`; the title is text, the body is `Markup` made from the package's
+    templates (trusted HTML) or plain text, which the page escapes."""
 
     meta: dict
-    sections: list[tuple[str, str]] = field(default_factory=list)  # (title, html)
+    sections: list[tuple[str, Union[Markup, str]]] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)
 
     def html(self) -> str:
-        import plotly.offline
-
-        plotly_js = plotly.offline.get_plotlyjs()
-        from loop_lens.viz import circuitsvis_bundle
-
-        meta = "\n".join(f"{k}: {v}" for k, v in self.meta.items())
-        body = "".join(f"<section><h2>{html.escape(t)}</h2>{h}</section>" for t, h in self.sections)
-        return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>loop_lens report: {html.escape(str(self.meta.get("model", "")))}</title>
-<style>{_STYLE}</style>
-<script>{plotly_js}</script>
-<script>{circuitsvis_bundle()}</script>
-</head><body>
-<h1>loop_lens head-stability report</h1>
-<pre class="ll-meta">{html.escape(meta)}</pre>
-{body}
-<script>{_SORT_JS}</script>
-</body></html>"""
+        """The standalone page: plotly.js and circuitsvis inlined, every text escaped."""
+        return templates().get_template("report.html.j2").render(
+            title=str(self.meta.get("model", "")), meta={str(k): str(v) for k, v in self.meta.items()},
+            sections=[(str(t), b) for t, b in self.sections], plotly_js=plotly_bundle(), circuitsvis_js=circuitsvis_bundle())
 
     def save(self, path: Union[str, Path], json_path: Optional[Union[str, Path]] = None) -> Path:
+        """Write the page to `path` (and the meta and numbers as JSON to `json_path`), each atomically:
+        a crash mid-write leaves the previous file whole. Returns `path`."""
         path = Path(path)
-        path.write_text(self.html(), encoding="utf-8")
-        if json_path is not None:
-            Path(json_path).write_text(json.dumps(_clean({"meta": self.meta, **self.numbers}), indent=1))
+        page = self.html()
+        numbers = None if json_path is None else json.dumps(_clean({"meta": self.meta, **self.numbers}), indent=1)
+        write_text_atomic(path, page)
+        if numbers is not None:
+            write_text_atomic(Path(json_path), numbers)
         return path
 
     def _repr_html_(self) -> str:
         return self.html()
-
-
-def _fig(fig) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
 
 def build_report(
@@ -145,16 +119,31 @@ def build_report(
     """Run the model on the prompts (one batch, right-padded) and assemble every section."""
     import loop_lens
 
-    T = n_loops or model.cfg.default_loops
+    T = check_n_loops(n_loops, model.cfg.default_loops)
+    position = integer(position, "position")
+    seed = integer(seed, "seed")
     if isinstance(prompts, torch.Tensor):
+        if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool or prompts.ndim not in (1, 2):
+            raise ValueError(f"token prompts must be integer ids [pos] or [batch, pos], got {prompts.dtype} "
+                             f"of shape {tuple(prompts.shape)}")
         tokens = prompts if prompts.ndim == 2 else prompts[None]
+        if tokens.numel() == 0:
+            raise ValueError(f"token prompts are empty (shape {tuple(tokens.shape)})")
         mask = torch.ones_like(tokens)
         prompt_text = [" ".join(map(str, row.tolist())) for row in tokens]
     else:
         prompt_text = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompt_text:
             raise ValueError("no prompts given")
+        wrong = [i for i, p in enumerate(prompt_text) if not isinstance(p, str)]
+        if wrong:
+            raise ValueError(f"prompts must be strings; prompt {wrong[0]} is {type(prompt_text[wrong[0]]).__name__}")
         tokens, mask = model.tokenize(prompt_text)
+    length0 = int(mask[0].sum())
+    if not -length0 <= position < length0:
+        raise ValueError(f"position {position} is outside prompt 0, which has {length0} tokens "
+                         f"(use {-length0} .. {length0 - 1})")
+    pos = position if position >= 0 else length0 + position
     steps_bar = tqdm(total=7, desc="report", disable=not progress)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, n_loops=T, attention_mask=mask, seed=seed,
@@ -170,8 +159,6 @@ def build_report(
     steps_bar.update()
     lens = logit_lens(model, cache, mask=m)
     steps_bar.update()
-    length0 = int(mask[0].sum())
-    pos = position if position >= 0 else length0 + position
     traj = pca_trajectory(cache, position=pos, batch=0)
     steps_bar.update()
     str_tokens = model.to_str_tokens(tokens[0, :length0]) if model.tokenizer is not None else [str(t) for t in tokens[0, :length0].tolist()]
@@ -191,26 +178,26 @@ def build_report(
         "python": platform.python_version(),
         "iterations": "counted from 0 (the paper counts from 1)",
     }
+    block = parts()
     report = Report(meta)
-    report.sections.append(("Layout", f"<p>{html.escape(cfg.layout)}: {cfg.n_prelude} prelude layers, a {cfg.n_block}-layer block run "
-                                      f"{T} times, {cfg.n_coda} coda layers. Norms: <code>{cfg.norm_placement}</code>; injection: "
-                                      f"<code>{cfg.injection}</code>; per-iteration norm: {cfg.iter_norm}; exit gate: {cfg.exit_gate}.</p>"))
+    report.sections.append(("Layout", block.layout(cfg, T)))
     conv_text = ", ".join(f"layer {i}: {'never' if c < 0 else c}" for i, c in enumerate(conv.max(dim=1).values.tolist()))
-    report.sections.append(("Convergence of each block layer", _fig(steps.plot()) +
-                            f'<p class="ll-note">Relative step ||X_t - X_(t-1)|| / ||X_t|| per layer (mean over prompts). '
-                            f"Convergence iteration (relative step stays below {convergence_tol:g}): {conv_text}.</p>"))
-    report.sections.append(("Fixed-point cosine matrix", _fig(fp.plot_layer_cosine()) +
-                            f'<p class="ll-note">cos(X*_i, X*_j) with X* = the last iteration; min = {fp.min_layer_cosine:.4f} '
-                            f"({'degenerate: one shared point' if fp.degenerate() else 'distinct fixed points per layer'}).</p>"))
-    report.sections.append(("Cyclic similarity of residual streams", _fig(sim.plot())))
-    report.sections.append(("Head stability", _table_html(table, "ll-head-table") +
-                            f'<p class="ll-note">Click a column to sort. Stabilisation iteration: first t after which the Frobenius '
-                            f"change of the pattern stays below {stabilisation_tol:g} (median over prompts; – = never). Head type, "
-                            "concentration (ColSum), sink score and mixing at the last iteration. kappa = ||W_Q W_K^T||_2, the "
-                            "constant of the paper's bound tying pattern change to the residual step.</p>"))
+    report.sections.append(("Convergence of each block layer", figure_html(steps.plot()) + block.note(
+        "Relative step ||X_t - X_(t-1)|| / ||X_t|| per layer (mean over prompts). Convergence iteration (relative "
+        f"step stays below {convergence_tol:g}): {conv_text}.")))
+    report.sections.append(("Fixed-point cosine matrix", figure_html(fp.plot_layer_cosine()) + block.note(
+        f"cos(X*_i, X*_j) with X* = the last iteration; min = {fp.min_layer_cosine:.4f} "
+        f"({'degenerate: one shared point' if fp.degenerate() else 'distinct fixed points per layer'}).")))
+    report.sections.append(("Cyclic similarity of residual streams", figure_html(sim.plot())))
+    report.sections.append(("Head stability", _table_html(table, "ll-head-table", sortable=True) + block.note(
+        "Click a column to sort. Stabilisation iteration: first t after which the Frobenius change of the pattern "
+        f"stays below {stabilisation_tol:g} (median over prompts; – = never). Head type, concentration (ColSum), "
+        "sink score and mixing at the last iteration. kappa = ||W_Q W_K^T||_2, the constant of the paper's bound "
+        "tying pattern change to the residual step.")))
     report.sections.append(("Attention per head and iteration", view.html(include_bundle=False)))
-    report.sections.append((f"Logit lens at position {pos}", _fig(lens.plot(position=pos)) + lens.grid(position=pos).to_html(classes="ll-table")))
-    report.sections.append((f"PCA trajectory of position {pos}", _fig(traj.plot(dims=2))))
+    report.sections.append((f"Logit lens at position {pos}", figure_html(lens.plot(position=pos)) +
+                            _table_html(lens.grid(position=pos), index="")))
+    report.sections.append((f"PCA trajectory of position {pos}", figure_html(traj.plot(dims=2))))
     steps_bar.update(2)
     steps_bar.close()
     report.numbers = {

@@ -1,5 +1,9 @@
 """The HTML report in real headless Chromium with the network cut off: no console errors, the
-circuitsvis attention view renders, and the iteration control changes what it shows."""
+circuitsvis attention view renders, the iteration control changes what it shows, and a report built
+from hostile tokens, prompts, model name and command runs none of their script.
+
+Chromium and chromedriver come from Debian (`chromium`, `chromium-driver`); without them these tests
+skip, except under CI (`CI` set to anything but empty, 0, false or no), where they fail."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import shutil
 import time
 
 import pytest
+from test_report_security import HOSTILE_COMMAND, HOSTILE_NAME, hostile_model, hostile_prompts, hostile_vocab
 
 from loop_lens import load
 from loop_lens.report import build_report
@@ -15,14 +20,49 @@ from loop_lens.report import build_report
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
+# Installed before any page script runs, in every frame: records dialogs instead of opening them.
+RECORD_DIALOGS = """
+window.__dialogs = [];
+for (const name of ["alert", "confirm", "prompt", "print"]) {
+  window[name] = function() {
+    const entry = name + "(" + Array.from(arguments).map(String).join(", ") + ")";
+    window.__dialogs.push(entry);
+    try { if (window.top !== window) window.top.__dialogs.push("frame " + entry); } catch (e) { /* opaque frame */ }
+  };
+}
+"""
 
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM and DRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("chromium / chromedriver missing in CI: .ci/run must install Debian's chromium and chromium-driver")
-        pytest.skip("Debian's chromium and chromium-driver are not installed here (bash .ci/run installs them)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a test dependency")
+# Everything an injected script or element would leave behind on the page.
+INJECTION_EVIDENCE = """
+const evidence = [];
+if (typeof window.__pwned !== "undefined") evidence.push("window.__pwned = " + JSON.stringify(window.__pwned));
+for (const d of window.__dialogs || []) evidence.push("dialog " + d);
+if (document.title !== arguments[0]) evidence.push("title changed to " + JSON.stringify(document.title));
+for (const el of document.querySelectorAll("iframe, frame, img, object, embed, base, link, meta[http-equiv]"))
+  evidence.push("element " + el.outerHTML.slice(0, 120));
+for (const el of document.querySelectorAll("*"))
+  for (const a of el.attributes)
+    if (a.name.startsWith("on") || /^\\s*javascript:/i.test(a.value)) evidence.push("attribute " + a.name + " on " + el.tagName);
+const ours = document.querySelectorAll("script").length;
+if (ours !== arguments[1]) evidence.push(ours + " script elements, expected " + arguments[1]);
+return evidence;
+"""
+
+
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _missing(reason: str) -> None:
+    if _under_ci():
+        pytest.fail(f"{reason}; under CI a missing browser is a failure, not a skip (.ci/run installs them)")
+    pytest.skip(f"{reason} (bash .ci/run installs them; under CI this fails instead)")
+
+
+def make_browser():
+    """Headless Chromium with the network cut off, dialogs recorded, and browser logs kept."""
+    from selenium import webdriver
+
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -30,9 +70,53 @@ def browser():
                  "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--window-size=1300,2400"):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    opts.set_capability("unhandledPromptBehavior", "ignore")  # a dialog stays open where the test can see it
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=opts)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_DIALOGS})
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", DRIVER)) if not path]
+    if missing:
+        _missing(f"{' and '.join(missing)} not found on PATH: the browser tests need Debian's chromium and chromium-driver")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        _missing("selenium is not installed: it is in the test extra (pip install -e '.[test]')")
+    driver = make_browser()
     yield driver
     driver.quit()
+
+
+def attention_div(browser, timeout: float = 20):
+    """The circuitsvis view's drawing, once it has content."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        divs = browser.find_elements(By.CSS_SELECTOR, ".ll-attn-container > div")
+        if divs and divs[0].get_attribute("innerHTML").strip():
+            return divs[0]
+        time.sleep(0.2)
+    raise AssertionError("the circuitsvis attention view did not render")
+
+
+def injection_evidence(browser, title: str, n_scripts: int) -> list[str]:
+    """What injected script or markup did on the loaded page: an open dialog, recorded dialogs,
+    `window.__pwned`, a changed title, foreign elements or handlers, extra scripts. Empty = nothing."""
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return [f"an open dialog: {browser.switch_to.alert.text!r}"]
+    except NoAlertPresentException:
+        pass
+    return browser.execute_script(INJECTION_EVIDENCE, title, n_scripts)
+
+
+def severe_errors(browser) -> list[dict]:
+    return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def test_report_renders_offline_and_iteration_control_works(browser, tmp_path):
@@ -43,16 +127,7 @@ def test_report_renders_offline_and_iteration_control_works(browser, tmp_path):
     page = report.save(tmp_path / "report.html")
     browser.get(page.resolve().as_uri())
 
-    def attention_div():
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            divs = browser.find_elements(By.CSS_SELECTOR, ".ll-attn-container > div")
-            if divs and divs[0].get_attribute("innerHTML").strip():
-                return divs[0]
-            time.sleep(0.2)
-        raise AssertionError("the circuitsvis attention view did not render")
-
-    first = attention_div()
+    first = attention_div(browser)
     assert first.get_attribute("data-iteration") == "0"
     assert len(first.get_attribute("innerHTML")) > 200  # real circuitsvis content, not an empty container
     time.sleep(1.0)
@@ -64,7 +139,7 @@ def test_report_renders_offline_and_iteration_control_works(browser, tmp_path):
         "const s = document.querySelector('.ll-iter'); s.value = 5; s.dispatchEvent(new Event('input'));"
     )
     time.sleep(0.5)
-    after_div = attention_div()
+    after_div = attention_div(browser)
     assert after_div.get_attribute("data-iteration") == "5"
     assert browser.find_element(By.CSS_SELECTOR, ".ll-iter-label").text == "5"
     time.sleep(1.0)
@@ -74,5 +149,32 @@ def test_report_renders_offline_and_iteration_control_works(browser, tmp_path):
     header = browser.find_elements(By.CSS_SELECTOR, "#ll-head-table th")[3]
     header.click()  # sorting the head table must not raise
     browser.save_screenshot(str(tmp_path / "report.png"))
-    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    errors = severe_errors(browser)
+    assert not errors, errors
+
+
+def test_report_from_hostile_tokens_prompts_and_names_runs_no_injected_script(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    model = hostile_model()
+    prompts = hostile_prompts(hostile_vocab(model.cfg.d_vocab))
+    report = build_report(model, prompts, n_loops=3, model_name=HOSTILE_NAME, command=HOSTILE_COMMAND, progress=False)
+    page = report.save(tmp_path / "hostile.html")
+    browser.get(page.resolve().as_uri())
+    attention_div(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, ".ll-attn-container canvas"), "circuitsvis drew no pattern"
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".plotly-graph-div .main-svg")) >= 5
+    time.sleep(1.0)  # let any injected handler (onerror, onload) fire
+    # our scripts: plotly.js, circuitsvis, 5 figures, the attention view, the table sorter
+    evidence = injection_evidence(browser, "loop_lens report: " + HOSTILE_NAME, n_scripts=9)
+    assert evidence == [], evidence
+    tokens = model.to_str_tokens(model.tokenize(prompts[:1])[0][0])
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.ll-attention .ll-token'), s => [s.textContent, s.title]);")
+    assert shown == [[t, f"position {i}: {t}"] for i, t in enumerate(tokens)]  # the tokens, as text
+    meta = browser.execute_script("return document.querySelector('pre.ll-meta').textContent;")
+    assert f"model: {HOSTILE_NAME}" in meta and f"command: {HOSTILE_COMMAND}" in meta
+    assert f"prompts: {report.meta['prompts']}" in meta
+    assert browser.execute_script("return document.querySelectorAll('section').length;") == len(report.sections)
+    errors = severe_errors(browser)
     assert not errors, errors
