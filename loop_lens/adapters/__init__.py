@@ -82,15 +82,27 @@ def load(
     directory = _resolve_dir(path)
     native_cfg = directory / "loop_config.json"
     if family == "native" or (family is None and native_cfg.is_file()):
-        if not native_cfg.is_file():
-            raise LoadError(f"no loop_config.json in {directory} (native format)")
+        # loop_config.json names the files of its checkpoint while a save is under way (see
+        # loop_lens.saving); the plain layout has model.safetensors and maybe tokenizer.json.
+        from loop_lens.adapters.io import _read_safetensors
+        from loop_lens.saving import native_files
+
+        files = native_files(directory)
         try:
-            cfg = LoopConfig.from_json(native_cfg)
+            cfg = LoopConfig.from_dict(files.config)
         except (ConfigError, ValueError, TypeError) as err:
             raise LoadError(f"{native_cfg} is not a valid LoopConfig: {err}") from err
-        tensors, origin = read_tensors(directory)
+        if files.weights is None:
+            tensors, origin = read_tensors(directory)
+            tokenizer = load_tokenizer(directory)
+        else:
+            from tokenizers import Tokenizer
+
+            tensors, origin = _read_safetensors(files.weights), str(files.weights)
+            tokenizer = None if files.tokenizer is None else Tokenizer.from_file(str(files.tokenizer))
         src = TensorSource(tensors, origin)
         cfg, mapped = families.native(cfg, src)
+        return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
     else:
         config = read_config(directory)
         tensors, origin = read_tensors(directory)
