@@ -47,6 +47,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     import loop_lens as ll
+    from loop_lens.saving import check_save_target
 
     dst = Path(args.dst)
     src_dir = _checkpoint_dir(args.src)
@@ -56,6 +57,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise ll.SaveError(f"{dst} is a file, not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not args.force:
         raise ll.SaveError(f"{dst} exists and is not empty; pass --force to replace what is there")
+    check_save_target(dst, overwrite=args.force)  # every other refusal, before the source is read
     model = ll.load(args.src, family=args.family)
     model.save(dst, overwrite=args.force)
     print(f"wrote {model.cfg.family} model {model.cfg.layout} to {dst}")

@@ -1,8 +1,10 @@
-"""LoopConfig: every looped family's switches in one dataclass.
+"""LoopConfig: every looped family's switches in one dataclass, and the one place they are checked.
 
 A looped model is `(n_prelude, n_block x n_loops, n_coda)`: prelude layers run once, the
-recurrent block of `n_block` layers runs `n_loops` times, the coda runs once. The families in
-`shared/docs/looped-architectures.md` differ only in the handful of switches below.
+recurrent block of `n_block` layers runs `n_loops` times, the coda runs once. The families
+(Ouro, Huginn, retrofitted recurrence, looped feedforward checkpoints) differ only in the
+handful of switches below. `LoopConfig.validate` type- and range-checks every field, so a config
+from a checkpoint's `config.json`, a native `loop_config.json` or Python code gets the same checks.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +35,95 @@ INITIAL_STATES = ("embed", "zeros", "trunc_normal")
 POSITIONAL = ("rotary", "learned", "none")
 ROPE_STYLES = ("rotate_half", "adjacent")
 QK_NORMS = ("none", "full", "head")
+EXIT_NAMES = ("last", "threshold", "weighted")
+
+
+def is_integer(value: Any) -> bool:
+    """True for an integer (Python or numpy); False for bools, floats and everything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """True for a finite real number (int or float, numpy too); False for bools, NaN and infinities."""
+    if is_integer(value):
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_json_object(value: Any) -> bool:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return False
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one field must be: `what` (said in errors), the test, and the Python type it is stored as."""
+
+    what: str
+    ok: Callable[[Any], bool]
+    cast: Callable[[Any], Any] = lambda v: v
+
+
+POSITIVE_INT = Rule("a positive integer", lambda v: is_integer(v) and v > 0, int)
+COUNT = Rule("an integer >= 0", lambda v: is_integer(v) and v >= 0, int)
+FLAG = Rule("true or false", lambda v: isinstance(v, bool))
+POSITIVE_NUMBER = Rule("a finite number > 0", lambda v: is_number(v) and v > 0, float)
+NUMBER = Rule("a finite number", is_number, float)
+NON_NEGATIVE_NUMBER = Rule("a finite number >= 0", lambda v: is_number(v) and v >= 0, float)
+FRACTION = Rule("a number between 0 and 1", lambda v: is_number(v) and 0 <= v <= 1, float)
+TEXT = Rule("a string", lambda v: isinstance(v, str))
+NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+JSON_OBJECT = Rule("a JSON object (string keys, JSON values)", _is_json_object)
+OPTIONAL_JSON_OBJECT = Rule("null or a JSON object", lambda v: v is None or _is_json_object(v))
+EXIT = Rule(
+    f"one of {list(EXIT_NAMES)} or an iteration index >= 0",
+    lambda v: (isinstance(v, str) and v in EXIT_NAMES) or (is_integer(v) and v >= 0),
+    lambda v: int(v) if is_integer(v) else v,
+)
+
+
+def choice(options: tuple[str, ...]) -> Rule:
+    """A field that must be one of `options`."""
+    return Rule(f"one of {list(options)}", lambda v: isinstance(v, str) and v in options)
+
+
+def show_value(value: Any) -> str:
+    """`repr(value)`, cut to 80 characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _error(fields: tuple[str, ...], problem: str) -> ConfigError:
+    """A ConfigError naming `fields`; `err.fields` and `err.problem` let a loader name its own keys."""
+    err = ConfigError(f"{fields[0]}: {problem}" if len(fields) == 1 else problem)
+    err.fields, err.problem = fields, problem
+    return err
+
+
+def _rope_scaling_problem(scaling: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a `rope_scaling` object, or None (only llama3 scaling is supported)."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        return f"unsupported rope_scaling type {show_value(kind)}; supported: 'llama3'"
+    for key, rule in (("factor", POSITIVE_NUMBER), ("original_max_position_embeddings", POSITIVE_INT)):
+        if key not in scaling:
+            return f"llama3 rope_scaling lacks {key!r}"
+        if not rule.ok(scaling[key]):
+            return f"llama3 rope_scaling {key!r}: expected {rule.what}, got {show_value(scaling[key])}"
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    for key, value in (("low_freq_factor", low), ("high_freq_factor", high)):
+        if not POSITIVE_NUMBER.ok(value):
+            return f"llama3 rope_scaling {key!r}: expected {POSITIVE_NUMBER.what}, got {show_value(value)}"
+    if high <= low:
+        return f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got {high} and {low}"
+    return None
 
 
 @dataclass
@@ -88,11 +181,13 @@ class LoopConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_fields(self, allow_unset=("d_head", "n_key_value_heads", "d_mlp"))
         if self.d_head is None:
-            if self.n_heads <= 0 or self.d_model % self.n_heads != 0:
-                raise ConfigError(
+            if self.d_model % self.n_heads != 0:
+                raise _error(
+                    ("n_heads", "d_model"),
                     f"n_heads={self.n_heads} does not divide d_model={self.d_model}; "
-                    "give d_head explicitly or pick a divisor"
+                    "give d_head explicitly or pick a divisor",
                 )
             self.d_head = self.d_model // self.n_heads
         if self.n_key_value_heads is None:
@@ -100,43 +195,32 @@ class LoopConfig:
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
         self.validate()
+        for name, rule in FIELD_RULES.items():  # numpy scalars -> Python numbers, so JSON round-trips
+            setattr(self, name, rule.cast(getattr(self, name)))
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first field that is wrong."""
-        for name, value, allowed in [
-            ("norm_placement", self.norm_placement, NORM_PLACEMENTS),
-            ("normalization_type", self.normalization_type, NORM_TYPES),
-            ("mlp_type", self.mlp_type, MLP_TYPES),
-            ("injection", self.injection, INJECTIONS),
-            ("initial_state", self.initial_state, INITIAL_STATES),
-            ("positional_embedding_type", self.positional_embedding_type, POSITIONAL),
-            ("rope_style", self.rope_style, ROPE_STYLES),
-            ("qk_norm", self.qk_norm, QK_NORMS),
-        ]:
-            if value not in allowed:
-                raise ConfigError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
-        for name in ("d_model", "n_heads", "d_vocab", "n_block", "d_head", "d_mlp", "n_ctx"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("n_prelude", "n_coda"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.default_loops < 1:
-            raise ConfigError(f"default_loops must be >= 1, got {self.default_loops}")
-        if self.n_key_value_heads <= 0 or self.n_heads % self.n_key_value_heads != 0:
-            raise ConfigError(
-                f"n_key_value_heads={self.n_key_value_heads} does not divide n_heads={self.n_heads}"
+        """Type- and range-check every field, then their combinations; raise ConfigError naming the
+        field(s) (`err.fields`) with the problem (`err.problem`) on the first one that is wrong."""
+        _check_fields(self)
+        if self.n_heads % self.n_key_value_heads != 0:
+            raise _error(
+                ("n_key_value_heads", "n_heads"),
+                f"n_key_value_heads={self.n_key_value_heads} does not divide n_heads={self.n_heads}",
             )
         if self.positional_embedding_type == "rotary" and self.d_head % 2 != 0:
-            raise ConfigError(f"rotary embeddings need an even d_head, got {self.d_head}")
+            raise _error(("d_head", "positional_embedding_type"), f"rotary embeddings need an even d_head, got {self.d_head}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("llama3", "default", None):
-                raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: 'llama3'")
-        if self.initial_state == "trunc_normal" and self.init_std < 0:
-            raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
+            problem = _rope_scaling_problem(self.rope_scaling)
+            if problem:
+                raise _error(("rope_scaling",), problem)
         if self.iter_norm and self.norm_after_loop:
-            raise ConfigError("iter_norm and norm_after_loop both set: pick one")
+            raise _error(("iter_norm", "norm_after_loop"), "iter_norm and norm_after_loop both set: pick one")
+        if self.default_exit != "last" and not self.exit_gate:
+            raise _error(
+                ("default_exit", "exit_gate"),
+                f"default_exit={self.default_exit!r} needs exit_gate=True (an iteration index falls back to "
+                "the threshold exit on shorter runs)",
+            )
 
     @property
     def n_layers(self) -> int:
@@ -155,20 +239,30 @@ class LoopConfig:
 
     @property
     def attn_scale(self) -> float:
+        """The attention logits' scale, 1 / sqrt(d_head)."""
         return 1.0 / math.sqrt(self.d_head)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as plain Python values."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """From a dict of fields; unknown or missing fields raise ConfigError naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a LoopConfig is an object of fields, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields}, key=str)
         if unknown:
-            raise ConfigError(f"unknown LoopConfig fields: {unknown}")
+            raise _error(tuple(map(str, unknown)), f"unknown LoopConfig fields: {unknown}")
+        required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise _error(tuple(missing), f"LoopConfig lacks required fields: {missing}")
         return cls(**data)
 
     def to_json(self, path: Optional[str | Path] = None) -> str:
+        """The config as JSON text; written to `path` too when given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
             Path(path).write_text(text + "\n")
@@ -176,11 +270,73 @@ class LoopConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> LoopConfig:
-        """From a JSON string or a path to a JSON file."""
+        """From a JSON string or a path to a JSON file; text that is not JSON raises ConfigError."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
+        where = "the text"
+        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
+            where = str(text_or_path)
             text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where} is not valid JSON: {err}") from err
+        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> LoopConfig:
+        """A copy with some fields changed, checked like a new config."""
         return dataclasses.replace(self, **changes)
+
+
+FIELD_RULES: dict[str, Rule] = {
+    "d_model": POSITIVE_INT,
+    "n_heads": POSITIVE_INT,
+    "d_vocab": POSITIVE_INT,
+    "n_block": POSITIVE_INT,
+    "n_prelude": COUNT,
+    "n_coda": COUNT,
+    "default_loops": POSITIVE_INT,
+    "d_head": POSITIVE_INT,
+    "n_key_value_heads": POSITIVE_INT,
+    "d_mlp": POSITIVE_INT,
+    "n_ctx": POSITIVE_INT,
+    "normalization_type": choice(NORM_TYPES),
+    "norm_placement": choice(NORM_PLACEMENTS),
+    "norm_eps": POSITIVE_NUMBER,
+    "mlp_type": choice(MLP_TYPES),
+    "attn_bias": FLAG,
+    "mlp_bias": FLAG,
+    "positional_embedding_type": choice(POSITIONAL),
+    "rope_style": choice(ROPE_STYLES),
+    "rope_theta": POSITIVE_NUMBER,
+    "rope_scaling": OPTIONAL_JSON_OBJECT,
+    "qk_bias": FLAG,
+    "qk_norm": choice(QK_NORMS),
+    "embed_scale": NUMBER,
+    "injection": choice(INJECTIONS),
+    "initial_state": choice(INITIAL_STATES),
+    "init_std": NON_NEGATIVE_NUMBER,
+    "init_scale": NUMBER,
+    "iter_norm": FLAG,
+    "norm_after_loop": FLAG,
+    "final_norm": FLAG,
+    "exit_gate": FLAG,
+    "early_exit_threshold": FRACTION,
+    "default_exit": EXIT,
+    "tie_embeddings": FLAG,
+    "family": NAME,
+    "model_name": TEXT,
+    "extra": JSON_OBJECT,
+}
+"""The rule each LoopConfig field is checked against (every field has one)."""
+
+
+def _check_fields(cfg: LoopConfig, allow_unset: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError for the first field (in declaration order) that breaks its rule."""
+    for name, rule in FIELD_RULES.items():
+        value = getattr(cfg, name)
+        if value is None and name in allow_unset:
+            continue
+        if not rule.ok(value):
+            if rule.what.startswith("one of") and isinstance(value, str):  # a misspelt option
+                raise _error((name,), f"unknown {name} {show_value(value)}; expected {rule.what}")
+            raise _error((name,), f"expected {rule.what}, got {show_value(value)}")

@@ -1,4 +1,9 @@
-"""Tokenizer glue: a `tokenizers.Tokenizer` or a transformers tokenizer, read offline."""
+"""Tokenizer glue: a `tokenizers.Tokenizer` or a transformers tokenizer, read offline.
+
+A checkpoint's tokenizer is untrusted data: only `tokenizer.json` is read, by the `tokenizers`
+library's JSON parser. `tokenizer_config.json`, its `auto_map` and any `tokenization_*.py` are
+never looked at, so nothing from the checkpoint is imported or run.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,23 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from loop_lens.errors import LoadError
+
+
+def read_tokenizer(path: str | Path) -> Any:
+    """A `tokenizers.Tokenizer` from a tokenizer.json file; LoadError naming the file if it is not one."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust parser raises a bare Exception for every kind of bad file
+        raise LoadError(f"{path} is not a valid tokenizer.json: {err}") from err
+
 
 def load_tokenizer(directory: str | Path) -> Optional[Any]:
     """The tokenizer in a checkpoint directory (`tokenizer.json`), or None. Never downloads."""
     path = Path(directory) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer(path) if path.is_file() else None
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -278,3 +278,10 @@ def test_module_apply_works():
     seen = []
     model.apply(lambda m: seen.append(type(m).__name__))
     assert "Rotary" in seen and "Block" in seen
+
+
+def test_family_zoo_names_a_shipped_model():
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(ll.load("khop-huginn", family="zoo")(tokens, seed=0), ll.load("zoo:khop-huginn")(tokens, seed=0))
+    with pytest.raises(ll.LoadError, match="no zoo model 'nope'.*khop-huginn"):
+        ll.load("nope", family="zoo")

@@ -8,11 +8,13 @@ from typing import Any, Optional, Union
 import torch
 
 from loop_lens.adapters import families
-from loop_lens.adapters.io import TensorSource, assemble, read_config, read_tensors
+from loop_lens.adapters.io import TensorSource, assemble, read_config, read_safetensors, read_tensors
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
 from loop_lens.model.looped import HookedLoopedTransformer
-from loop_lens.tokenization import load_tokenizer
+from loop_lens.saving import CONFIG_NAME, native_files
+from loop_lens.tokenization import load_tokenizer, read_tokenizer
+from loop_lens.zoo import zoo_path
 
 KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "zoo")
 
@@ -73,43 +75,40 @@ def load(
     otherwise.
     """
     text = str(path)
-    if text.startswith("zoo:"):
-        from loop_lens.zoo import zoo_path
-
-        return load(zoo_path(text[4:]), family="native", device=device, dtype=dtype)
+    if family == "zoo" or text.startswith("zoo:"):
+        return load(zoo_path(text.removeprefix("zoo:")), family="native", device=device, dtype=dtype)
     if family is not None and family not in KNOWN_FAMILIES:
         raise LoadError(f"unknown family {family!r}; known families: {list(KNOWN_FAMILIES)}")
     directory = _resolve_dir(path)
-    native_cfg = directory / "loop_config.json"
-    if family == "native" or (family is None and native_cfg.is_file()):
-        # loop_config.json names the files of its checkpoint while a save is under way (see
-        # loop_lens.saving); the plain layout has model.safetensors and maybe tokenizer.json.
-        from loop_lens.adapters.io import _read_safetensors
-        from loop_lens.saving import native_files
-
-        files = native_files(directory)
-        try:
-            cfg = LoopConfig.from_dict(files.config)
-        except (ConfigError, ValueError, TypeError) as err:
-            raise LoadError(f"{native_cfg} is not a valid LoopConfig: {err}") from err
-        if files.weights is None:
-            tensors, origin = read_tensors(directory)
-            tokenizer = load_tokenizer(directory)
-        else:
-            from tokenizers import Tokenizer
-
-            tensors, origin = _read_safetensors(files.weights), str(files.weights)
-            tokenizer = None if files.tokenizer is None else Tokenizer.from_file(str(files.tokenizer))
-        src = TensorSource(tensors, origin)
+    if family == "native" or (family is None and (directory / CONFIG_NAME).is_file()):
+        cfg, src, tokenizer = _native(directory)
         cfg, mapped = families.native(cfg, src)
-        return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
     else:
         config = read_config(directory)
         tensors, origin = read_tensors(directory)
         family = family or detect_family(config, tensors)
         src = TensorSource(tensors, origin, ignore=["freqs_cis"])
         cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
-    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
+        tokenizer = load_tokenizer(directory)
+    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
+
+
+def _native(directory: Path) -> tuple[LoopConfig, TensorSource, Any]:
+    """Config, tensors and tokenizer of a native checkpoint. `loop_config.json` names its files
+    while a save is under way (`loop_lens.saving`); the plain layout has `model.safetensors` and
+    maybe `tokenizer.json`."""
+    files = native_files(directory)
+    try:
+        cfg = LoopConfig.from_dict(files.config)
+    except (ConfigError, ValueError, TypeError) as err:
+        raise LoadError(f"{directory / CONFIG_NAME} is not a valid LoopConfig: {err}") from err
+    if files.weights is None:
+        tensors, origin = read_tensors(directory)
+        tokenizer = load_tokenizer(directory)
+    else:
+        tensors, origin = read_safetensors(files.weights), str(files.weights)
+        tokenizer = None if files.tokenizer is None else read_tokenizer(files.tokenizer)
+    return cfg, TensorSource(tensors, origin), tokenizer
 
 
 def _config_and_tensors(source: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, Any]:

@@ -1,60 +1,68 @@
 """One function per checkpoint family: (HF-style config dict, tensors) -> (LoopConfig, mapping).
 
 The mapping is `{our parameter name: (checkpoint tensor name, tensor)}`; `io.assemble` checks
-shapes and builds the model. The formulas each family computes are in
-`shared/docs/looped-architectures.md` and `docs/families/`.
+dtypes and shapes and builds the model. The formulas each family computes are in
+`docs/families/`. Config values are read through `CheckpointConfig`, which remembers the key
+behind each LoopConfig field, so `LoopConfig.validate` (the one place values are checked) is
+reported in the checkpoint's own terms. Arithmetic on config values happens only after that
+check: the mappings below use the validated `cfg`, never the raw dict.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from loop_lens.adapters.io import TensorSource, make_config
-from loop_lens.config import LoopConfig
+from loop_lens.adapters.io import REQUIRED, CheckpointConfig, TensorSource
+from loop_lens.config import COUNT, FLAG, POSITIVE_INT, LoopConfig, is_integer, show_value
 from loop_lens.errors import LoadError
 
 Mapping = dict[str, tuple[str, Tensor]]
 
 
-def _get(config: dict[str, Any], *names: str, default: Any = LoadError) -> Any:
-    for n in names:
-        if config.get(n) is not None:
-            return config[n]
-    if default is LoadError:
-        raise LoadError(f"config.json lacks {' / '.join(names)}")
-    return default
-
-
-def _rope_scaling(config: dict[str, Any]) -> Any:
-    """llama3 rope scaling from `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5)."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters")
-    if not scaling:
+def _rope_scaling(r: CheckpointConfig) -> Any:
+    """RoPE scaling from `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5);
+    None for the default kind. Anything else is passed on for LoopConfig to check."""
+    scaling = r.get("rope_scaling", "rope_scaling", "rope_parameters", default=None)
+    if not isinstance(scaling, dict):
+        return scaling
+    if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         return None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return None
-    if kind != "llama3":
-        raise LoadError(f"rope_scaling type {kind!r} is not supported (supported: 'llama3')")
     return {k: v for k, v in scaling.items() if k != "rope_theta"}
 
 
-def _rope_theta(config: dict[str, Any], *names: str, default: Any = LoadError) -> float:
-    """RoPE theta from the named fields, or from transformers 5's `rope_parameters`."""
-    params = config.get("rope_parameters") or {}
-    if params.get("rope_theta") is not None:
-        return float(params["rope_theta"])
-    return float(_get(config, *names, default=default))
+def _rope_theta(r: CheckpointConfig, *keys: str, default: Any) -> Any:
+    """RoPE theta from the named keys, or from transformers 5's `rope_parameters.rope_theta`."""
+    params = r.config.get("rope_parameters")
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return r.sub("rope_theta", "rope_parameters", "rope_theta", default)
+    return r.get("rope_theta", *keys, default=default)
 
 
-def _vocab(src: TensorSource, embed_name: str, config: dict[str, Any]) -> int:
-    """Vocabulary size as the embedding matrix has it (padded), else from the config."""
-    if src.has(embed_name):
-        return int(src.tensors[embed_name].shape[0])
-    return int(_get(config, "padded_vocab_size", "vocab_size"))
+def _vocab(r: CheckpointConfig, src: TensorSource, embed_name: str) -> Any:
+    """Vocabulary size as the embedding matrix has it (padded), else from the config. Warns when
+    the config promises more tokens than the embedding has rows."""
+    if not src.has(embed_name):
+        return r.get("d_vocab", "padded_vocab_size", "vocab_size")
+    embed = src.tensors[embed_name]
+    if embed.ndim != 2:
+        raise LoadError(f"tensor {embed_name!r} in {src.origin} has shape {tuple(embed.shape)}, expected [vocab, d_model]")
+    rows = int(embed.shape[0])
+    for key in ("vocab_size", "padded_vocab_size"):
+        size = r.checked(key, POSITIVE_INT, key, default=None)
+        if size is not None and size > rows:
+            warnings.warn(
+                f"{r.origin} field {key!r} is {size}, but {embed_name!r} in {src.origin} has only {rows} "
+                f"rows: token ids >= {rows} cannot be embedded",
+                UserWarning,
+                stacklevel=4,
+            )
+    r.note("d_vocab", f"the rows of tensor {embed_name!r}")
+    return rows
 
 
 class _Mapper:
@@ -74,8 +82,11 @@ def _rows(m: _Mapper, theirs: str, parts: list[tuple[str, int]]) -> None:
     """Split a fused weight along dim 0 into our named parts of the given row counts."""
     w = m.src.take(theirs)
     total = sum(n for _, n in parts)
-    if w.shape[0] != total:
-        raise LoadError(f"tensor {theirs!r} has {w.shape[0]} rows, expected {total} ({[p for p, _ in parts]})")
+    if w.ndim != 2 or w.shape[0] != total:
+        raise LoadError(
+            f"tensor {theirs!r} in {m.src.origin} has shape {tuple(w.shape)}, expected {total} rows "
+            f"({[p for p, _ in parts]})"
+        )
     for (ours, _), chunk in zip(parts, torch.split(w, [n for _, n in parts], dim=0)):
         m.put_tensor(ours, theirs, chunk)
 
@@ -83,39 +94,36 @@ def _rows(m: _Mapper, theirs: str, parts: list[tuple[str, int]]) -> None:
 # ---------------------------------------------------------------------- Ouro
 def ouro(config: dict[str, Any], src: TensorSource) -> tuple[LoopConfig, Mapping]:
     """Ouro / LoopLM: (0, L x T, 0), sandwich norms, per-iteration model.norm, exit gate."""
-    if config.get("use_sliding_window"):
+    r = CheckpointConfig(config)
+    if r.checked("use_sliding_window", FLAG, "use_sliding_window", default=False):
         raise LoadError("Ouro checkpoints with use_sliding_window=true are not supported")
-    D, H = _get(config, "hidden_size"), _get(config, "num_attention_heads")
-    L = _get(config, "num_hidden_layers")
-    tie = bool(config.get("tie_word_embeddings", False))
-    threshold = config.get("early_exit_threshold")
-    cfg = make_config(
+    cfg = r.make(
         family="ouro",
-        model_name=config.get("_name_or_path") or "ouro",
-        d_model=D,
-        n_heads=H,
-        n_key_value_heads=config.get("num_key_value_heads") or H,
-        d_head=config.get("head_dim") or D // H,
-        d_mlp=_get(config, "intermediate_size"),
-        d_vocab=_vocab(src, "model.embed_tokens.weight", config),
-        n_block=L,
-        default_loops=_get(config, "total_ut_steps", default=4),
-        n_ctx=config.get("max_position_embeddings", 2048),
+        model_name=r.get("model_name", "_name_or_path", default="ouro"),
+        d_model=r.get("d_model", "hidden_size"),
+        n_heads=r.get("n_heads", "num_attention_heads"),
+        n_key_value_heads=r.get("n_key_value_heads", "num_key_value_heads", default=None),
+        d_head=r.get("d_head", "head_dim", default=None),
+        d_mlp=r.get("d_mlp", "intermediate_size"),
+        d_vocab=_vocab(r, src, "model.embed_tokens.weight"),
+        n_block=r.get("n_block", "num_hidden_layers"),
+        default_loops=r.get("default_loops", "total_ut_steps", default=4),
+        n_ctx=r.get("n_ctx", "max_position_embeddings", default=2048),
         norm_placement="sandwich",
-        norm_eps=_get(config, "rms_norm_eps", default=1e-6),
+        norm_eps=r.get("norm_eps", "rms_norm_eps", default=1e-6),
         rope_style="rotate_half",
-        rope_theta=_rope_theta(config, "rope_theta", default=10000.0),
-        rope_scaling=_rope_scaling(config),
+        rope_theta=_rope_theta(r, "rope_theta", default=10000.0),
+        rope_scaling=_rope_scaling(r),
         iter_norm=True,
         final_norm=False,
         exit_gate=True,
-        early_exit_threshold=1.0 if threshold is None else float(threshold),
-        default_exit=_ouro_default_exit(config),
-        tie_embeddings=tie,
+        early_exit_threshold=r.get("early_exit_threshold", "early_exit_threshold", default=1.0),
+        default_exit=_ouro_default_exit(r),
+        tie_embeddings=r.get("tie_embeddings", "tie_word_embeddings", default=False),
     )
     m = _Mapper(src)
     m.put("embed.weight", "model.embed_tokens.weight")
-    for i in range(L):
+    for i in range(cfg.n_block):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         m.put(q + "ln1.weight", p + "input_layernorm.weight")
         m.put(q + "ln1_post.weight", p + "input_layernorm_2.weight")
@@ -128,17 +136,19 @@ def ouro(config: dict[str, Any], src: TensorSource) -> tuple[LoopConfig, Mapping
     m.put("ln_final.weight", "model.norm.weight")
     m.put("exit_gate.weight", "model.early_exit_gate.weight")
     m.put("exit_gate.bias", "model.early_exit_gate.bias")
-    if not tie:
+    if not cfg.tie_embeddings:
         m.put("unembed.weight", "lm_head.weight")
     return cfg, m.out
 
 
-def _ouro_default_exit(config: dict[str, Any]) -> Any:
+def _ouro_default_exit(r: CheckpointConfig) -> Any:
     """The exit `OuroForCausalLM.forward` takes with no arguments: `early_exit_step` when set,
     else the threshold exit when `early_exit_threshold` is set, else the last step."""
-    if config.get("early_exit_step") is not None:
-        return int(config["early_exit_step"])
-    if config.get("early_exit_threshold") is not None:
+    step = r.checked("default_exit", COUNT, "early_exit_step", default=None)
+    if step is not None:
+        return step
+    if r.config.get("early_exit_threshold") is not None:
+        r.note("default_exit", f"{r.origin} field 'early_exit_threshold'")
         return "threshold"
     return "last"
 
@@ -159,53 +169,51 @@ def raven(config: dict[str, Any], src: TensorSource, flavour: str | None = None)
     flavour = flavour or raven_flavour(src.tensors)
     if flavour not in ("huginn", "retro-llama", "retro-olmo2"):
         raise LoadError(f"unknown Raven flavour {flavour!r}")
-    injection = config.get("injection_type", "linear")
+    r = CheckpointConfig(config)
+    injection = r.get("injection", "injection_type", default="linear")
     if injection != "linear":
-        raise LoadError(f"injection_type {injection!r} is not supported (supported: 'linear')")
-    D, H = _get(config, "n_embd", "hidden_size"), _get(config, "n_heads", "num_attention_heads")
-    K = config.get("num_key_value_heads") or H
-    hd = config.get("head_dim") or D // H
-    init = config.get("init_values") or {}
-    embed_scale = float(init.get("embed_scale", 1.0))
-    p_n, k_n, c_n = (
-        _get(config, "n_layers_in_prelude"),
-        _get(config, "n_layers_in_recurrent_block"),
-        _get(config, "n_layers_in_coda"),
-    )
-    tie = bool(config.get("tie_embeddings", config.get("tie_word_embeddings", False)))
+        raise LoadError(f"config.json field 'injection_type' {injection!r} is not supported (supported: 'linear')")
+    d_model = r.get("d_model", "n_embd", "hidden_size")
+    embed_scale = r.sub("embed_scale", "init_values", "embed_scale", default=1.0)
+    if "embed_scale" in r.sources:
+        r.note("init_scale", r.sources["embed_scale"])
+    init_std = r.sub("init_std", "init_values", "std", default=None)
+    if init_std is None:  # Huginn's default; an unusable d_model is refused by LoopConfig first
+        init_std = (2 / (5 * d_model)) ** 0.5 if POSITIVE_INT.ok(d_model) else 0.0
     huginn = flavour == "huginn"
-    cfg = make_config(
+    cfg = r.make(
         family=flavour,
-        model_name=config.get("_name_or_path") or flavour,
-        d_model=D,
-        n_heads=H,
-        n_key_value_heads=K,
-        d_head=hd,
-        d_mlp=_get(config, "intermediate_size"),
-        d_vocab=_vocab(src, "transformer.wte.weight", config),
-        n_prelude=p_n,
-        n_block=k_n,
-        n_coda=c_n,
-        default_loops=int(_get(config, "mean_recurrence", default=32)),
-        n_ctx=config.get("max_position_embeddings") or config.get("block_size") or 4096,
+        model_name=r.get("model_name", "_name_or_path", default=flavour),
+        d_model=d_model,
+        n_heads=r.get("n_heads", "n_heads", "num_attention_heads"),
+        n_key_value_heads=r.get("n_key_value_heads", "num_key_value_heads", default=None),
+        d_head=r.get("d_head", "head_dim", default=None),
+        d_mlp=r.get("d_mlp", "intermediate_size"),
+        d_vocab=_vocab(r, src, "transformer.wte.weight"),
+        n_prelude=r.get("n_prelude", "n_layers_in_prelude"),
+        n_block=r.get("n_block", "n_layers_in_recurrent_block"),
+        n_coda=r.get("n_coda", "n_layers_in_coda"),
+        default_loops=r.get("default_loops", "mean_recurrence", default=32),
+        n_ctx=r.get("n_ctx", "max_position_embeddings", "block_size", default=4096),
         norm_placement={"huginn": "sandwich_resid", "retro-llama": "pre", "retro-olmo2": "post"}[flavour],
-        norm_eps=_get(config, "norm_eps", "rms_norm_eps", default=1e-6),
+        norm_eps=r.get("norm_eps", "norm_eps", "rms_norm_eps", default=1e-6),
         rope_style="adjacent" if huginn else "rotate_half",
-        rope_theta=_get(config, "rope_base", default=50000.0) if huginn else _rope_theta(config, "rope_theta", "rope_base"),
-        rope_scaling=None if huginn else _rope_scaling(config),
-        qk_bias=bool(config.get("qk_bias", False)),
+        rope_theta=r.get("rope_theta", "rope_base", default=50000.0) if huginn else _rope_theta(r, "rope_theta", "rope_base", default=REQUIRED),
+        rope_scaling=None if huginn else _rope_scaling(r),
+        qk_bias=r.get("qk_bias", "qk_bias", default=False),
         qk_norm="full" if flavour == "retro-olmo2" else "none",
         embed_scale=embed_scale,
         injection="linear",
         initial_state="trunc_normal",
-        init_std=float(init.get("std", (2 / (5 * D)) ** 0.5)),
+        init_std=init_std,
         init_scale=embed_scale,
         norm_after_loop=huginn,
-        tie_embeddings=tie,
+        tie_embeddings=r.get("tie_embeddings", "tie_embeddings", "tie_word_embeddings", default=False),
     )
+    H, K, hd = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
     m = _Mapper(src)
     m.put("embed.weight", "transformer.wte.weight")
-    for part, ours, count in (("prelude", "prelude_blocks", p_n), ("core_block", "blocks", k_n), ("coda", "coda_blocks", c_n)):
+    for part, ours, count in (("prelude", "prelude_blocks", cfg.n_prelude), ("core_block", "blocks", cfg.n_block), ("coda", "coda_blocks", cfg.n_coda)):
         for i in range(count):
             p, q = f"transformer.{part}.{i}.", f"{ours}.{i}."
             norms = {
@@ -231,7 +239,7 @@ def raven(config: dict[str, Any], src: TensorSource, flavour: str | None = None)
             m.put(q + "mlp.down_proj.weight", p + "mlp.proj.weight")
     m.put("injection.adapter.weight", "transformer.adapter.weight")
     m.put("ln_final.weight", "transformer.ln_f.weight")
-    if not tie:
+    if not cfg.tie_embeddings:
         m.put("unembed.weight", "lm_head.weight")
     elif src.has("lm_head.weight"):
         src.take("lm_head.weight")  # a saved copy of the tied head
@@ -246,15 +254,19 @@ def feedforward(
     config: dict[str, Any], src: TensorSource, block: tuple[int, int], n_loops: int, injection: str
 ) -> tuple[LoopConfig, Mapping]:
     """Loop layers [a, b) of a Llama / Qwen2 / Mistral / GPT-2 checkpoint `n_loops` times."""
+    r = CheckpointConfig(config)
     kind = config.get("model_type")
     if kind not in FEEDFORWARD_TYPES:
         raise LoadError(f"cannot loop model_type {kind!r}; supported feedforward layouts: {list(FEEDFORWARD_TYPES)}")
-    L = _get(config, "num_hidden_layers", "n_layer")
+    L = r.checked("layer count", POSITIVE_INT, "num_hidden_layers", "n_layer")
+    if not (isinstance(block, tuple) and len(block) == 2 and all(is_integer(x) for x in block)):
+        raise LoadError(f"block={block!r} must be two integers (a, b)")
     a, b = block
     if not (0 <= a < b <= L):
         raise LoadError(f"block={block} must satisfy 0 <= a < b <= {L} (the checkpoint's layer count)")
     if injection not in ("none", "additive"):
         raise LoadError(f"injection {injection!r} for ll.loop: use 'none' or 'additive'")
+    r.note("default_loops", "argument n_loops")
     loop_fields = dict(
         n_prelude=a, n_block=b - a, n_coda=L - b, default_loops=n_loops, injection=injection,
         initial_state="zeros" if injection == "additive" else "embed",
@@ -262,15 +274,15 @@ def feedforward(
     layer_of = lambda i: ("prelude_blocks", i) if i < a else (("blocks", i - a) if i < b else ("coda_blocks", i - b))  # noqa: E731
     m = _Mapper(src)
     if kind == "gpt2":
-        D = _get(config, "n_embd")
-        cfg = make_config(
-            family="gpt2", model_name=config.get("_name_or_path") or "gpt2", d_model=D, n_heads=_get(config, "n_head"),
-            d_mlp=config.get("n_inner") or 4 * D, d_vocab=_get(config, "vocab_size"), n_ctx=_get(config, "n_positions"),
-            normalization_type="LN", norm_eps=_get(config, "layer_norm_epsilon", default=1e-5),
-            mlp_type={"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu"}.get(config.get("activation_function", "gelu_new"), "gelu_new"),
-            attn_bias=True, mlp_bias=True, positional_embedding_type="learned", tie_embeddings=True, **loop_fields,
-        )
         prefix = "transformer." if src.has("transformer.wte.weight") else ""
+        cfg = r.make(
+            family="gpt2", model_name=r.get("model_name", "_name_or_path", default="gpt2"), d_model=r.get("d_model", "n_embd"),
+            n_heads=r.get("n_heads", "n_head"), d_mlp=r.get("d_mlp", "n_inner", default=None),
+            d_vocab=_vocab(r, src, prefix + "wte.weight"), n_ctx=r.get("n_ctx", "n_positions"),
+            normalization_type="LN", norm_eps=r.get("norm_eps", "layer_norm_epsilon", default=1e-5),
+            mlp_type=_gpt2_activation(r), attn_bias=True, mlp_bias=True, positional_embedding_type="learned",
+            tie_embeddings=True, **loop_fields,
+        )
         m.put("embed.weight", prefix + "wte.weight")
         m.put("pos_embed.weight", prefix + "wpe.weight")
         for i in range(L):
@@ -299,19 +311,19 @@ def feedforward(
             src.take("lm_head.weight")  # tied to wte
         return cfg, m.out
 
-    D, H = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+    act = r.get("hidden_act", "hidden_act", default="silu")
+    if act != "silu":
+        raise LoadError(f"config.json field 'hidden_act' {show_value(act)} is not supported for {kind} (expected 'silu')")
     qkv_bias = src.has("model.layers.0.self_attn.q_proj.bias")
-    tie = bool(config.get("tie_word_embeddings", False))
-    cfg = make_config(
-        family=kind, model_name=config.get("_name_or_path") or kind, d_model=D, n_heads=H,
-        n_key_value_heads=config.get("num_key_value_heads") or H, d_head=config.get("head_dim") or D // H,
-        d_mlp=_get(config, "intermediate_size"), d_vocab=_get(config, "vocab_size"),
-        n_ctx=config.get("max_position_embeddings", 4096), norm_eps=_get(config, "rms_norm_eps", default=1e-6),
-        rope_theta=_rope_theta(config, "rope_theta", default=10000.0), rope_scaling=_rope_scaling(config),
-        attn_bias=qkv_bias, tie_embeddings=tie, **loop_fields,
+    cfg = r.make(
+        family=kind, model_name=r.get("model_name", "_name_or_path", default=kind), d_model=r.get("d_model", "hidden_size"),
+        n_heads=r.get("n_heads", "num_attention_heads"), n_key_value_heads=r.get("n_key_value_heads", "num_key_value_heads", default=None),
+        d_head=r.get("d_head", "head_dim", default=None), d_mlp=r.get("d_mlp", "intermediate_size"),
+        d_vocab=_vocab(r, src, "model.embed_tokens.weight"), n_ctx=r.get("n_ctx", "max_position_embeddings", default=4096),
+        norm_eps=r.get("norm_eps", "rms_norm_eps", default=1e-6), rope_theta=_rope_theta(r, "rope_theta", default=10000.0),
+        rope_scaling=_rope_scaling(r), attn_bias=qkv_bias,
+        tie_embeddings=r.get("tie_embeddings", "tie_word_embeddings", default=False), **loop_fields,
     )
-    if config.get("hidden_act", "silu") != "silu":
-        raise LoadError(f"hidden_act {config['hidden_act']!r} is not supported for {kind} (expected 'silu')")
     m.put("embed.weight", "model.embed_tokens.weight")
     for i in range(L):
         p = f"model.layers.{i}."
@@ -327,20 +339,36 @@ def feedforward(
             if src.has(o_bias):
                 m.put(q + "attn.o_proj.bias", o_bias)
             else:
-                m.put_tensor(q + "attn.o_proj.bias", "(none: o_proj has no bias)", torch.zeros(D))
+                m.put_tensor(q + "attn.o_proj.bias", "(none: o_proj has no bias)", torch.zeros(cfg.d_model))
         for proj in ("gate", "up", "down"):
             m.put(q + f"mlp.{proj}_proj.weight", p + f"mlp.{proj}_proj.weight")
     m.put("ln_final.weight", "model.norm.weight")
-    if not tie:
+    if not cfg.tie_embeddings:
         m.put("unembed.weight", "lm_head.weight")
     elif src.has("lm_head.weight"):
         src.take("lm_head.weight")
     return cfg, m.out
 
 
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+"""GPT-2 `activation_function` values we run, and our `mlp_type` for each."""
+
+
+def _gpt2_activation(r: CheckpointConfig) -> str:
+    """Our mlp_type for a GPT-2 config's `activation_function`; an unknown one is refused."""
+    act = r.get("mlp_type", "activation_function", default="gelu_new")
+    if not isinstance(act, str) or act not in GPT2_ACTIVATIONS:
+        raise LoadError(
+            f"config.json field 'activation_function' (mlp_type): {show_value(act)} is not supported; "
+            f"supported: {list(GPT2_ACTIVATIONS)}"
+        )
+    return GPT2_ACTIVATIONS[act]
+
+
 # ---------------------------------------------------------------------- loop_lens's own format
 def native(cfg: LoopConfig, src: TensorSource) -> tuple[LoopConfig, Mapping]:
-    """loop_lens's native format: tensor names are our parameter names."""
+    """loop_lens's native format: tensor names are our parameter names (`assemble` reports the
+    ones the model has no parameter for)."""
     return cfg, {k: (k, src.take(k)) for k in list(src.tensors)}
 
 
