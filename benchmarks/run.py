@@ -139,7 +139,6 @@ from loop_lens.model.init import init_weights
 mode, T, d, block, seq, batch, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 cfg = ll.LoopConfig(d_model=d, n_heads=max(1, d // 64), d_vocab=512, n_block=block, default_loops=T, n_ctx=seq, injection="linear", initial_state="zeros", norm_placement="sandwich_resid")
 model = init_weights(ll.HookedLoopedTransformer(cfg), std=0.02, seed=0).to(device).eval()
-model.ensure_loops(T)
 tokens = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
 with torch.no_grad():
     model(tokens[:, :8], n_loops=2)
