@@ -600,3 +600,28 @@ def test_any_junk_config_json_value_names_the_key_and_our_field(ouro_parts, data
     with pytest.raises(LoadError) as info:
         families.ouro({**config, key: value}, TensorSource(tensors, "memory"))
     assert f"config.json field {key!r} ({ours})" in str(info.value)
+
+
+class _Payload:
+    """Unpickling this object would write a marker file: a pickle that runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_payload_in_pytorch_model_bin_never_runs(tmp_path):
+    import shutil
+
+    from conftest import golden
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(golden("huginn-tiny"), path)
+    (path / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"transformer.wte.weight": _Payload(marker)}, path / "pytorch_model.bin")
+    with pytest.raises(ll.LoadError, match="weights_only"):
+        ll.load(path)
+    assert not marker.exists()

@@ -285,3 +285,26 @@ def test_family_zoo_names_a_shipped_model():
     assert torch.equal(ll.load("khop-huginn", family="zoo")(tokens, seed=0), ll.load("zoo:khop-huginn")(tokens, seed=0))
     with pytest.raises(ll.LoadError, match="no zoo model 'nope'.*khop-huginn"):
         ll.load("nope", family="zoo")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JUNK = st.one_of(st.floats(allow_nan=True), st.booleans(), st.text(max_size=3), st.integers(-40, 40),
+                 st.lists(st.integers(0, 3), max_size=2))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_loops=JUNK, stop=st.one_of(st.none(), JUNK), exit=st.one_of(st.none(), JUNK, st.sampled_from(["last", "weighted", "threshold", "x"])))
+def test_any_argument_value_either_runs_or_is_refused_with_a_value_error(tokens, n_loops, stop, exit):
+    model = _MODEL_FOR_PROPERTIES
+    try:
+        out = model(tokens, n_loops=n_loops, stop_at_layer=stop, exit=exit)
+    except ValueError as err:
+        assert any(word in str(err) for word in ("n_loops", "stop_at_layer", "exit")), err
+        return
+    assert isinstance(n_loops, int) and not isinstance(n_loops, bool) and 1 <= n_loops
+    assert torch.isfinite(out).all()
+
+
+_MODEL_FOR_PROPERTIES = tiny_model("pre", n_prelude=0, n_coda=0)
