@@ -14,6 +14,7 @@ def write_text_atomic(path: Union[str, Path], text: str) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -23,3 +24,13 @@ def write_text_atomic(path: Union[str, Path], text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a plain `open(path, "w")` would give: the old file's, or 0o666 less the umask
+    (mkstemp's own 0o600 would make a shared report unreadable to others)."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

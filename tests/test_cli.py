@@ -176,3 +176,20 @@ def test_convert_refuses_to_write_over_its_own_source(capsys, tmp_path):
     before = _hashes(ckpt)
     code, _, err = run(capsys, "convert", str(ckpt), str(ckpt), "--force")
     assert code == 1 and "is the checkpoint being converted" in err and _hashes(ckpt) == before
+
+
+def test_report_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from loop_lens.files import write_text_atomic
+
+    fresh = write_text_atomic(tmp_path / "new.html", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+    kept = tmp_path / "kept.html"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    write_text_atomic(kept, "new")
+    assert kept.read_text() == "new" and stat.S_IMODE(kept.stat().st_mode) == 0o640
