@@ -8,11 +8,12 @@ iteration. Passing `NO_HOOKS` runs the same computation with no hook calls.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from loop_lens.config import LoopConfig
@@ -81,9 +82,17 @@ class Rotary(nn.Module):
             self._cache = {key: (emb.cos(), emb.sin())}
         return self._cache[key]
 
+    def at(self, positions: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape [batch, pos, d_head] for per-row positions (generation with a KV cache)."""
+        needed = int(positions.max()) + 1
+        length = max(64, 1 << (needed - 1).bit_length())  # a power of two: one table serves many steps
+        cos, sin = self(length, positions.device)
+        return cos[positions], sin[positions]
+
     def rotate(self, x: Float[Tensor, "batch pos head d_head"], rope: tuple[Tensor, Tensor]) -> Tensor:
-        """Rotate queries or keys by their positions' angles (`rope` = cos, sin from `forward`)."""
-        cos, sin = (r[None, :, None, :] for r in rope)
+        """Rotate queries or keys by their positions' angles (`rope` = cos, sin: [pos, d_head] from
+        `forward`, or [batch, pos, d_head] from `at`)."""
+        cos, sin = (r[:, :, None, :] if r.ndim == 3 else r[None, :, None, :] for r in rope)
         xf = x.float()
         if self.style == "rotate_half":
             x1, x2 = xf.chunk(2, dim=-1)
@@ -137,7 +146,12 @@ class Attention(nn.Module):
         rotary: Optional[Rotary],
         rope: Rope,
         mask: Optional[Tensor],
+        kv: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """Attend over this call's positions, or with `kv` (a KV cache site, see
+        `loop_lens.generation`) over the cached positions too: `kv(k, v)` receives this call's
+        rotated keys and values [batch, kv_head, pos, d_head] and returns the keys and values to
+        attend to [batch, kv_head, past + pos, d_head]; `mask` then covers past + pos keys."""
         B, S, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -153,19 +167,24 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = hooks.hook_rot_q(rotary.rotate(q, rope)), hooks.hook_rot_k(rotary.rotate(k, rope))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
+        past = 0
+        if kv is not None:
+            k, v = kv(k, v)
+            past = k.shape[2] - S
         if has_hooks(hooks.hook_attn_scores) or has_hooks(hooks.hook_pattern):
             if self.n_kv != self.n_heads:
                 rep = self.n_heads // self.n_kv
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             scores = (q @ k.transpose(-1, -2)) * self.scale  # [batch, head, q, k]
-            scores = hooks.hook_attn_scores(scores + causal_bias(S, x.device, scores.dtype, mask))
+            scores = hooks.hook_attn_scores(scores + causal_bias(S, x.device, scores.dtype, mask, past))
             pattern = hooks.hook_pattern(torch.softmax(scores.float(), dim=-1).to(v.dtype))
             z = pattern @ v
         else:
+            plain = mask is None and past == 0
             z = F.scaled_dot_product_attention(
                 q, k, v,
-                attn_mask=None if mask is None else causal_bias(S, x.device, q.dtype, mask),
-                is_causal=mask is None,
+                attn_mask=None if plain or (mask is None and S == 1) else causal_bias(S, x.device, q.dtype, mask, past),
+                is_causal=plain,
                 scale=self.scale,
                 enable_gqa=self.n_kv != self.n_heads,
             )
@@ -173,16 +192,18 @@ class Attention(nn.Module):
         return self.o_proj(z.reshape(B, S, -1))
 
 
-def causal_bias(S: int, device: torch.device, dtype: torch.dtype, mask: Optional[Tensor]) -> Tensor:
+def causal_bias(S: int, device: torch.device, dtype: torch.dtype, mask: Optional[Tensor], past: int = 0) -> Tensor:
     """Additive bias [1 or batch, 1, q, k]: 0 where attention is allowed, a large negative elsewhere.
 
-    `mask` is [batch, pos] with 1 for real tokens. A query row that would be fully masked (a pad
-    query with left padding) keeps attention to itself so softmax stays finite.
+    `mask` is [batch, past + pos] with 1 for real tokens; `past` cached keys come before the `S`
+    queries' own. A query row that would be fully masked (a pad query with left padding) keeps
+    attention to itself so softmax stays finite.
     """
-    allowed = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None, None]
+    allowed = torch.ones(S, past + S, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
     if mask is not None:
         allowed = allowed & mask.bool()[:, None, None, :]
-        allowed = allowed | torch.eye(S, dtype=torch.bool, device=device)[None, None]
+        own = torch.ones(S, past + S, dtype=torch.bool, device=device).tril(diagonal=past).triu(diagonal=past)
+        allowed = allowed | own[None, None]
     neg = torch.finfo(dtype).min
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, neg)
 
@@ -237,10 +258,12 @@ class Block(nn.Module):
         rotary: Optional[Rotary] = None,
         rope: Rope = None,
         mask: Optional[Tensor] = None,
+        kv: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """One layer; `kv` is a KV cache site for attention (see `Attention.forward`)."""
         x = hooks.hook_resid_pre(x)
         a_in = x if self.ln1 is None else self.ln1(x, hooks.ln1)
-        a = self.attn(a_in, hooks.attn, rotary, rope, mask)
+        a = self.attn(a_in, hooks.attn, rotary, rope, mask, kv)
         x = self._add(x, a, self.ln1_post, hooks.ln1_post, hooks.hook_attn_out)
         x = hooks.hook_resid_mid(x)
         m_in = x if self.ln2 is None else self.ln2(x, hooks.ln2)
