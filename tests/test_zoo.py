@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 import loop_lens as ll
 from loop_lens import zoo
+from loop_lens.zoo import docs as zoo_docs
+from loop_lens.zoo import make_random
 from loop_lens.zoo.task import ANSWER_FROM, QUERIES, SEQ_LEN, answers_after, follow, sample
 from loop_lens.zoo.train import RECIPES, Curriculum, Recipe, evaluate, lr_factor, reevaluate, train
 
 TRAINED = ["khop-huginn", "khop-ouro", "khop-ff"]
+README_PROMPT = "b f e j i c f a j i h d a e c g d b g h | f 2 ="  # README.md and docs/getting-started.md
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run torch on one thread, as the zoo's models were trained (`train --threads 1`): tiny models
+    gain nothing from a second thread, and on a busy machine two threads waiting on each other are
+    several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_task_answers_follow_the_pointers():
@@ -97,13 +114,31 @@ def test_shipped_weights_reach_the_accuracy_on_their_card(name):
 
 
 def test_khop_huginn_answers_from_text():
+    """Prompts given as text are tokenized back to the task's tokens and answered right: the answer
+    at every question is the letter `answers_after` reaches by following the prompt's own pointers."""
     model = ll.load("zoo:khop-huginn")
-    batch = sample(1, [2], torch.Generator().manual_seed(5), split="heldout")
-    text = batch.text(0)
-    tokens = model.to_tokens(text)
-    assert torch.equal(tokens[0], batch.tokens[0])
-    pred = model(tokens, seed=0)[0, ANSWER_FROM].argmax(-1)
-    assert pred.shape == (QUERIES,)
+    batch = sample(64, [2], torch.Generator().manual_seed(5), split="heldout")
+    tokens = torch.cat([model.to_tokens(batch.text(i)) for i in range(len(batch.tokens))])
+    assert torch.equal(tokens, batch.tokens)
+    right = answers_after(tokens, 2)
+    assert torch.equal(right, batch.answers)
+    pred = model(tokens, seed=0)[:, ANSWER_FROM].argmax(-1)  # [prompt, question]
+    assert ((pred == right).float().mean(0) >= 0.95).all(), (pred == right).float().mean(0)
+
+
+def test_khop_huginn_answers_the_readme_prompt_with_two_loops_and_misses_with_one():
+    """The README's example: two hops from f (f -> a -> e) answer `e` with 2 or more loops; with one
+    loop the model answers `c`, as the README says."""
+    words = README_PROMPT.split()
+    start, hops = words[21], int(words[22])
+    right = follow(" ".join(words[:20]), start, hops)  # the pointers followed by hand, not by the model
+    assert right == "e"
+    model = ll.load("zoo:khop-huginn")
+    tokens = model.to_tokens(README_PROMPT)
+    assert model.to_str_tokens(tokens)[-4:] == ["|", start, str(hops), "="]
+    answer = {T: model.to_str_tokens(model(tokens, n_loops=T, seed=0)[0, -1].argmax(-1, keepdim=True))[0] for T in (1, 2, 3, 4, 6, 8, 12)}
+    assert {T: a for T, a in answer.items() if T >= 2} == dict.fromkeys((2, 3, 4, 6, 8, 12), right), answer
+    assert answer[1] != right and answer[1] == "c", answer
 
 
 def test_khop_huginn_needs_a_second_loop_for_two_hops_and_stops_after_two():
@@ -116,3 +151,29 @@ def test_khop_huginn_needs_a_second_loop_for_two_hops_and_stops_after_two():
     three = sample(256, [3], torch.Generator().manual_seed(12), split="heldout")
     pred = model(three.tokens, n_loops=8, seed=0)[:, ANSWER_FROM[0]].argmax(-1)
     assert (pred == answers_after(three.tokens, 2)[:, 0]).float().mean() > 0.9
+
+
+def package_files() -> dict:
+    """Every file of the package source tree (bytecode caches aside) with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in (ROOT / "loop_lens").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_zoo_writers_write_where_asked_and_never_into_the_package(tmp_path):
+    """`zoo.docs` and `zoo.make_random` need `--out`; run, they reproduce docs/zoo.md and the shipped
+    tiny-random model (weights bit for bit, config, card, tokenization), and leave the package's
+    own files untouched."""
+    for main in (zoo_docs.main, make_random.main):
+        with pytest.raises(SystemExit):
+            main([])  # no default output path
+    before = package_files()
+    page = zoo_docs.main(["--out", str(tmp_path / "zoo.md")])
+    assert page.read_text() == (ROOT / "docs" / "zoo.md").read_text()
+    made, shipped = make_random.main(["--out", str(tmp_path / "tiny-random")]), zoo.zoo_path("tiny-random")
+    new, old = load_file(str(made / "model.safetensors")), load_file(str(shipped / "model.safetensors"))
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    assert json.loads((made / "card.json").read_text()) == zoo.card("tiny-random")
+    remade, model = ll.load(made), ll.load("zoo:tiny-random")
+    assert remade.cfg == model.cfg
+    texts = [README_PROMPT, *(sample(1, range(1, 10), torch.Generator().manual_seed(i)).text(0) for i in range(8))]
+    assert all(torch.equal(remade.to_tokens(t), model.to_tokens(t)) for t in texts)
+    assert package_files() == before

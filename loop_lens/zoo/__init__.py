@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loop_lens.errors import LoadError
+
 MODELS_DIR = Path(__file__).parent / "models"
 
 
@@ -21,8 +23,6 @@ def names() -> list[str]:
 
 def zoo_path(name: str) -> Path:
     """Directory of a shipped model; raises LoadError naming the known models."""
-    from loop_lens.errors import LoadError
-
     path = MODELS_DIR / name
     if not (path / "loop_config.json").is_file():
         raise LoadError(f"no zoo model {name!r}; shipped models: {names()}")

@@ -1,8 +1,10 @@
-"""Write docs/zoo.md from the shipped models' cards: `python -m loop_lens.zoo.docs`."""
+"""Write the zoo page from the shipped models' cards: `python -m loop_lens.zoo.docs --out docs/zoo.md`."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Optional
 
 from loop_lens import zoo
 
@@ -13,14 +15,16 @@ the k-hop pointer task (`loop_lens/zoo/task.py`): a prompt lists ten `source tar
 forming one 10-cycle, then asks four questions `| x k =`, "where do you land after k hops from
 x?". Held-out accuracy is measured on cycles that never appear in training (split by a hash of
 the cycle), on the first question of 256 prompts per cell (later questions may repeat a start
-letter). Training: `python -m loop_lens.zoo.train NAME` (CPU, deterministic for a seed and thread
-count; each shipped model was trained on one thread of a 2-core machine, at most two runs at a
-time, so each had a core to itself); `--evaluate` re-measures shipped weights. This page:
-`python -m loop_lens.zoo.docs`.
+letter). Training, from the repository root: `python -m loop_lens.zoo.train NAME --out
+loop_lens/zoo/models/NAME` (CPU, deterministic for a seed and thread count; each shipped model was
+trained on one thread of a 2-core machine, at most two runs at a time, so each had a core to
+itself); `--evaluate` re-measures saved weights. This page: `python -m loop_lens.zoo.docs --out
+docs/zoo.md`.
 """
 
 
 def table(card: dict) -> str:
+    """The held-out accuracy table of a card (hops by loops), or "" when it has none."""
     acc = card.get("heldout_accuracy", {})
     if not acc:
         return ""
@@ -33,6 +37,7 @@ def table(card: dict) -> str:
 
 
 def render() -> str:
+    """The whole page, from the cards of the shipped models."""
     parts = [HEADER]
     for card in zoo.list():
         parts.append(f"## zoo:{card['name']}\n")
@@ -60,10 +65,14 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def main() -> None:
-    out = Path(__file__).resolve().parents[2] / "docs" / "zoo.md"
+def main(argv: Optional[list[str]] = None) -> Path:
+    """Write the page to `--out` (the repository keeps it at docs/zoo.md); never into the package."""
+    parser = argparse.ArgumentParser(description="Write the zoo page (Markdown) from the shipped models' cards.")
+    parser.add_argument("--out", type=Path, required=True, help="the Markdown file to write, e.g. docs/zoo.md")
+    out = parser.parse_args(argv).out
     out.write_text(render())
     print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":
