@@ -13,13 +13,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import golden
+from conftest import golden, require
 from safetensors.torch import load_file, save_file
 
 import loop_lens as ll
 from loop_lens.adapters.io import UnexpectedTensorsWarning
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[test])")
+transformers = require("transformers")
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 

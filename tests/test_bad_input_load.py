@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, golden
+from conftest import ROOT, golden, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
@@ -36,7 +36,7 @@ from loop_lens.adapters.io import TensorSource
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[test])")
+transformers = require("transformers")
 
 ZOO_MODEL = ROOT / "loop_lens" / "zoo" / "models" / "tiny-random"
 FEW = settings(max_examples=80, deadline=None)

@@ -83,8 +83,8 @@ def test_learning_rate_schedule_warms_up_holds_and_decays():
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_training_script_runs_a_miniature_deterministically(name, tmp_path):
-    card = train(name, steps=3, out=tmp_path / "a", quiet=True, eval_n=8)
-    again = train(name, steps=3, out=tmp_path / "b", quiet=True, eval_n=8)
+    card = train(name, tmp_path / "a", steps=3, quiet=True, eval_n=8)
+    again = train(name, tmp_path / "b", steps=3, quiet=True, eval_n=8)
     assert card["steps"] == 3 and card["heldout_accuracy"] == again["heldout_accuracy"]
     w1, w2 = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -275,17 +275,20 @@ class HookedLoopedTransformer(HookedRootModule):
         self._release()
 
     def _attach_filter_hooks(self, n_loops: int) -> None:
-        """Give every filter hook the iterations of this run it has not reached yet."""
+        """Give every filter hook the iterations of this run it has not reached yet (creating
+        their hook points in one go)."""
+        todo = []
         for f in self._filter_hooks:
             for t in range(n_loops):
-                if t in f.attached:
-                    continue
-                f.attached.add(t)
-                names = [n for n in self.loop_hook_names(t) if f.names(n)]
-                if names:
-                    self._materialise([t])
-                for n in names:
-                    self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent, level=f.level, prepend=f.prepend)
+                if t not in f.attached:
+                    f.attached.add(t)
+                    names = [n for n in self.loop_hook_names(t) if f.names(n)]
+                    if names:
+                        todo.append((f, names))
+        self._materialise(sorted({int(names[0].split(".")[1]) for _, names in todo}))
+        for f, names in todo:
+            for n in names:
+                self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent, level=f.level, prepend=f.prepend)
 
     def _check_hooks_fire(self, n_loops: int) -> None:
         for key, it in self.iter.items():
@@ -657,11 +660,13 @@ class HookedLoopedTransformer(HookedRootModule):
             raise ValueError(f"names_filter must be None, a name, a list of names or a function, got {type(names_filter).__name__}")
         keep = names_filter or (lambda name: True)
         wanted = {n for n in self.hook_dict if not n.startswith("iter.") and keep(n)}
+        hooked = []
         for t in range(n_loops):
             names = [n for n in self.loop_hook_names(t) if keep(n)]
             if names:
-                self._materialise([t])
+                hooked.append(t)
                 wanted.update(names)
+        self._materialise(hooked)
         return wanted
 
     def _loops_of(self, args: tuple, kwargs: dict) -> int:

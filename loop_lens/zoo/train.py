@@ -1,8 +1,10 @@
 """Train the zoo's k-hop models with HookedLoopedTransformer itself (no second implementation).
 
-    python -m loop_lens.zoo.train khop-huginn            # trains (1 thread), evaluates, writes the model + card
-    python -m loop_lens.zoo.train khop-ouro --steps 50 --out /tmp/x   # a quick, smaller run
-    python -m loop_lens.zoo.train khop-ff --evaluate     # re-measure the shipped weights, rewrite the card's table
+    python -m loop_lens.zoo.train khop-huginn --out loop_lens/zoo/models/khop-huginn   # train (1 thread), evaluate, write model + card
+    python -m loop_lens.zoo.train khop-ouro --steps 50 --out /tmp/x                   # a quick, smaller run
+    python -m loop_lens.zoo.train khop-ff --evaluate --out loop_lens/zoo/models/khop-ff   # re-measure saved weights
+
+It writes only where `--out` says (never into an installed package by default).
 
 Deterministic for a given seed on one machine (CPU, fixed thread count).
 """
@@ -23,9 +25,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loop_lens.config import LoopConfig
+from loop_lens.errors import SaveError
+from loop_lens.files import write_text_atomic
 from loop_lens.model.init import init_weights
 from loop_lens.model.looped import HookedLoopedTransformer
-from loop_lens.zoo import MODELS_DIR, accuracy_axes
+from loop_lens.saving import check_save_target
+from loop_lens.zoo import accuracy_axes
 from loop_lens.zoo.task import ANSWER_FROM, MAX_HOPS, SEQ_LEN, VOCAB, answers_after, make_tokenizer, sample
 
 _COMMON = dict(d_model=64, n_heads=4, d_mlp=128, d_vocab=len(VOCAB), n_ctx=SEQ_LEN, norm_eps=1e-6)
@@ -198,23 +203,29 @@ def eval_hops(recipe: Recipe) -> list[int]:
     return list(range(1, min(max(6, max(recipe.train_hops) + 2), MAX_HOPS) + 1))
 
 
-def reevaluate(name: str, path: Optional[Path] = None, quiet: bool = False) -> dict:
+def reevaluate(name: str, path: Path, quiet: bool = False) -> dict:
     """Measure saved weights again on the card's held-out set and rewrite the card's table."""
     from loop_lens.adapters import load
 
-    recipe, target = RECIPES[name], Path(path) if path is not None else MODELS_DIR / name
+    recipe, target = RECIPES[name], Path(path)
     card = json.loads((target / "card.json").read_text())
     model = load(target)
     card.update(_measure(model, recipe, n=card["eval_prompts"], seed=card["eval_seed"]))
-    (target / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_text_atomic(target / "card.json", json.dumps(card, indent=2) + "\n")
     if not quiet:
         print_table(card)
     return card
 
 
-def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, quiet: bool = False, eval_n: int = 256) -> dict:
-    """Train one recipe, evaluate it on held-out cycles, save the model and its card."""
-    recipe = RECIPES[name]
+def train(name: str, out: Path, steps: Optional[int] = None, quiet: bool = False, eval_n: int = 256) -> dict:
+    """Train one recipe, evaluate it on held-out cycles, save the model and its card to `out`.
+
+    `out` may hold an earlier model and card (they are replaced); anything else there is refused
+    before training starts."""
+    recipe, target = RECIPES[name], Path(out)
+    foreign = [f for f in check_save_target(target, overwrite=True) if f != "card.json"]
+    if foreign:
+        raise SaveError(f"{target} holds files that are not a zoo model and its card: {foreign}")
     steps = recipe.steps if steps is None else steps
     torch.manual_seed(recipe.seed)
     model = HookedLoopedTransformer(recipe.cfg, tokenizer=make_tokenizer())
@@ -256,7 +267,8 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "trained": True,
         "train_hops": recipe.train_hops,
         "train_loops": recipe.loops,
-        "command": f"python -m loop_lens.zoo.train {name} --threads {torch.get_num_threads()}" + ("" if steps == recipe.steps else f" --steps {steps}"),
+        "command": f"python -m loop_lens.zoo.train {name} --out loop_lens/zoo/models/{name} --threads {torch.get_num_threads()}"
+        + ("" if steps == recipe.steps else f" --steps {steps}"),
         "seed": recipe.seed,
         "steps": steps,
         "batch": recipe.batch,
@@ -266,9 +278,8 @@ def train(name: str, steps: Optional[int] = None, out: Optional[Path] = None, qu
         "n_params": sum(p.numel() for p in model.parameters()),
         **_measure(model, recipe, n=eval_n),
     }
-    target = out if out is not None else MODELS_DIR / name
-    model.save(target)
-    (Path(target) / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    model.save(target, overwrite=True)
+    write_text_atomic(target / "card.json", json.dumps(card, indent=2) + "\n")
     if not quiet:
         print_table(card)
     return card
@@ -288,7 +299,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Train a zoo model on the k-hop task.")
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the package's zoo)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (the shipped models: loop_lens/zoo/models/NAME)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for determinism; the shipped models used 1)")
     parser.add_argument("--evaluate", action="store_true", help="only re-measure saved weights and rewrite the card's table")
     args = parser.parse_args()
@@ -296,7 +307,7 @@ def main() -> None:
     if args.evaluate:
         reevaluate(args.name, args.out)
     else:
-        train(args.name, steps=args.steps, out=args.out)
+        train(args.name, args.out, steps=args.steps)
 
 
 if __name__ == "__main__":
