@@ -114,6 +114,12 @@ class BlockHooks(nn.Module):
 class IterationHooks(nn.Module):
     """Everything hookable in one iteration of the loop: `iter.{t}.*`."""
 
+    def clear_hook_contexts(self) -> None:
+        """Empty every hook point's `ctx` (before the container is reused for another iteration)."""
+        for module in self.modules():
+            if isinstance(module, HookPoint):
+                module.clear_context()
+
     def __init__(self, cfg: LoopConfig) -> None:
         super().__init__()
         self.hook_state_pre = HookPoint()

@@ -34,6 +34,7 @@ TokensLike = Union[str, Sequence[str], Int[Tensor, "batch pos"], Int[Tensor, " p
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 EXIT_MODES = ("last", "weighted", "threshold")
 RETURN_TYPES = ("logits", "loss", "both", None)
+SPARE_ITERATION_HOOKS = 64  # released iteration hook containers kept for reuse (a few MB at most)
 
 
 class HookedNorm(Norm):
@@ -163,6 +164,7 @@ class HookedLoopedTransformer(HookedRootModule):
         template = IterationHooks(cfg)
         self._iter_suffixes = tuple(n for n, m in template.named_modules() if isinstance(m, HookPoint))
         self._filter_hooks: list[_FilterHook] = []
+        self._spare_hooks: list[IterationHooks] = []  # released containers, reused (not submodules)
         self._warned_long_input = False
         self.setup()
 
@@ -207,15 +209,20 @@ class HookedLoopedTransformer(HookedRootModule):
     def _materialise(self, iterations: Any) -> None:
         missing = [t for t in iterations if str(t) not in self.iter]
         for t in missing:
-            self.iter[str(t)] = IterationHooks(self.cfg)
+            self.iter[str(t)] = self._spare_hooks.pop() if self._spare_hooks else IterationHooks(self.cfg)
         if missing:
             self.setup()
 
     def _release(self) -> None:
-        """Drop the hook points of iterations where nothing is attached any more."""
+        """Drop the hook points of iterations where nothing is attached any more (keeping a few
+        containers to reuse, so repeated hooked runs do not rebuild them)."""
         idle = [k for k, it in self.iter.items() if not _has_hooks(it)]
         for k in idle:
+            container = self.iter[k]
             del self.iter[k]
+            if len(self._spare_hooks) < SPARE_ITERATION_HOOKS:
+                container.clear_hook_contexts()
+                self._spare_hooks.append(container)
         if idle:
             self.setup()
 
