@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from loop_lens.analysis.lens import get_lens, vocab_labels
 from loop_lens.checks import check_n_loops, integer, positive_int
 from loop_lens.result import Result
 
@@ -692,8 +693,6 @@ def answer_flips(
 ) -> AnswerFlips:
     """Answer flips of the lens ("coda" or "logit", or a Lens) of the state leaving each iteration,
     for every prompt of `tokens` [batch, pos] at `positions` (default: the last)."""
-    from loop_lens.analysis.lens import get_lens, vocab_labels
-
     T = check_n_loops(n_loops, model.cfg.default_loops)
     toks = _tokens(model, tokens, "tokens")
     S = toks.shape[1]

@@ -15,6 +15,7 @@ import math
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
@@ -117,8 +118,6 @@ def build_report(
     progress: bool = True,
 ) -> Report:
     """Run the model on the prompts (one batch, right-padded) and assemble every section."""
-    import loop_lens
-
     T = check_n_loops(n_loops, model.cfg.default_loops)
     position = integer(position, "position")
     seed = integer(seed, "seed")
@@ -173,7 +172,7 @@ def build_report(
         "layout": f"{cfg.layout}  (run with n_loops = {T})",
         "prompts": " | ".join(prompt_text)[:2000],
         "seed": seed,
-        "loop_lens": loop_lens.__version__,
+        "loop_lens": package_version("loop-lens"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "iterations": "counted from 0 (the paper counts from 1)",

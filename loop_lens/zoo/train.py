@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from loop_lens.adapters import load
 from loop_lens.config import LoopConfig
 from loop_lens.errors import SaveError
 from loop_lens.files import write_text_atomic
@@ -205,8 +206,6 @@ def eval_hops(recipe: Recipe) -> list[int]:
 
 def reevaluate(name: str, path: Path, quiet: bool = False) -> dict:
     """Measure saved weights again on the card's held-out set and rewrite the card's table."""
-    from loop_lens.adapters import load
-
     recipe, target = RECIPES[name], Path(path)
     card = json.loads((target / "card.json").read_text())
     model = load(target)
