@@ -7,7 +7,7 @@ import operator
 from typing import Any
 
 
-def integer(value: Any, name: str) -> int:
+def integer(value: Any, name: str, kind: str = "an integer") -> int:
     """`value` as an int: any integral value (Python, numpy, 0-d integer tensor); never a bool, a
     float or a string. Raises ValueError naming `name`."""
     is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
@@ -16,13 +16,13 @@ def integer(value: Any, name: str) -> int:
     except TypeError:
         number = None
     if number is None:
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
     return number
 
 
 def positive_int(value: Any, name: str) -> int:
     """`value` as an int >= 1 (see `integer`)."""
-    number = integer(value, name)
+    number = integer(value, name, kind="a positive integer")
     if number < 1:
         raise ValueError(f"{name} must be a positive integer, got {number}")
     return number
