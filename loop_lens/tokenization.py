@@ -43,10 +43,34 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None else 0
 
 
+def _unknown_text(tokenizer: Any, texts: Sequence[str], encodings: Sequence[Any]) -> list[tuple[int, str]]:
+    """(prompt index, text) of every piece the tokenizer could only map to its unknown token."""
+    model = getattr(tokenizer, "model", None)
+    unk = getattr(model, "unk_token", None)
+    unk_id = tokenizer.token_to_id(unk) if unk else None
+    if unk_id is None:
+        return []
+    found = []
+    for row, (text, enc) in enumerate(zip(texts, encodings)):
+        for token_id, (start, end) in zip(enc.ids, enc.offsets):
+            piece = text[start:end]
+            if token_id == unk_id and piece != unk:
+                found.append((row, piece))
+    return found
+
+
 def encode_batch(tokenizer: Any, texts: Sequence[str], prepend_bos: bool = True) -> tuple[Tensor, Tensor]:
-    """Token ids and attention mask [batch, pos], right-padded."""
+    """Token ids and attention mask [batch, pos], right-padded. Text the tokenizer can only map
+    to its unknown token raises ValueError naming it (a character-level tokenizer whose unknown
+    token is its padding would otherwise turn it silently into padding)."""
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
-        ids = [enc.ids for enc in tokenizer.encode_batch(list(texts), add_special_tokens=prepend_bos)]
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=prepend_bos)
+        unknown = _unknown_text(tokenizer, texts, encodings)
+        if unknown:
+            pieces = sorted({piece for _, piece in unknown})
+            rows = sorted({row for row, _ in unknown})
+            raise ValueError(f"prompt(s) {rows[:10]} hold text that is not in the tokenizer's vocabulary: {pieces[:20]!r}")
+        ids = [enc.ids for enc in encodings]
     else:  # transformers tokenizer
         ids = [tokenizer(t, add_special_tokens=prepend_bos)["input_ids"] for t in texts]
     width = max(len(i) for i in ids)

@@ -101,10 +101,16 @@ def test_report_errors(capsys, tmp_path):
 
 
 def test_an_inline_prompt_with_a_slash_is_a_prompt_not_a_path(capsys, tmp_path):
-    code, out, err = run(capsys, "report", "zoo:tiny-random", "--prompts", "ab/a1=", "--n-loops", "2",
+    code, out, err = run(capsys, "report", "zoo:tiny-random", "--prompts", "what is 3/4 ?", "--n-loops", "2",
+                         "--out", str(tmp_path / "r.html"), "--quiet")
+    assert code == 1 and "does not exist" not in err and "not in the tokenizer's vocabulary: ['/', '?'" in err
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b").write_text("ab|a1=\n")  # a/b exists as a file here: then it is a file
+    code, out, err = run(capsys, "report", "zoo:tiny-random", "--prompts", str(tmp_path / "a" / "b"), "--n-loops", "2",
                          "--out", str(tmp_path / "r.html"), "--quiet")
     assert code == 0, err
-    assert (tmp_path / "r.html").is_file() and "ab/a1=" in (tmp_path / "r.html").read_text()
+    code, out, err = run(capsys, "report", "zoo:tiny-random", "--prompts", str(tmp_path / "a"), "--out", str(tmp_path / "r.html"))
+    assert code == 1 and "is a directory" in err
 
 
 def _hashes(folder):

@@ -319,3 +319,82 @@ def test_reused_iteration_hook_containers_carry_their_new_names_and_no_old_hooks
     assert sorted(cache.cache_dict, key=lambda n: int(n.split(".")[1])) == [f"iter.{t}.hook_state_post" for t in range(12)]
     _, fresh = tiny_model("pre").run_with_cache(tokens, n_loops=12, names_filter=lambda n: n.endswith("hook_state_post"))
     assert all(torch.equal(cache[k], fresh[k]) for k in fresh.cache_dict)
+
+
+def test_ouro_final_norm_hooks_that_never_fire_are_refused_and_not_listed():
+    model = tiny_model("ouro", n_prelude=0, n_coda=0)
+    tokens = torch.randint(0, 40, (1, 5))
+    assert not [n for n in model.hook_names(2) if n.startswith("ln_final.")]
+    with pytest.raises(ll.HookNameError, match=r"never fires.*ln_state"):
+        model.run_with_hooks(tokens, n_loops=2, fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: x)])
+    with pytest.raises(ll.HookNameError, match="never fires"):
+        model.run_with_cache(tokens, n_loops=2, names_filter=["ln_final.hook_normalized"])
+    _, cache = model.run_with_cache(tokens, n_loops=2)
+    assert set(cache.cache_dict) == set(model.hook_names(2))  # every listed name fires, and only those
+    huginn = tiny_model("huginn")
+    _, cache = huginn.run_with_cache(tokens, n_loops=2, seed=0)
+    assert set(cache.cache_dict) == set(huginn.hook_names(2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=1.5), "seed must be an integer"),
+        (dict(seed=True), "seed must be an integer"),
+        (dict(seed="x"), "seed must be an integer"),
+        (dict(seed=2**70), r"seed must lie in \[0, 2\*\*63\)"),
+        (dict(seed=-1), r"seed must lie in"),
+        (dict(seed=0, generator=torch.Generator()), "not seed and generator"),
+        (dict(seed=0, initial_state=torch.zeros(2, 7, 32)), "not seed and initial_state"),
+        (dict(generator=3), "generator must be a torch.Generator"),
+        (dict(initial_state=torch.zeros(2, 3, 32)), r"initial_state has shape \(2, 3, 32\), expected \(2, 7, 32\)"),
+    ],
+)
+def test_start_state_arguments_are_checked(tokens, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model("huginn")(tokens, **kwargs)
+
+
+def test_small_input_mistakes_are_named(tokens):
+    model = tiny_model("pre")
+    with pytest.raises(ValueError, match="empty input: an empty list"):
+        model([])
+    with pytest.raises(TypeError, match=r"hook for 'iter.1.blocks.0.hook_resid_post' is a int"):
+        model.run_with_hooks(tokens, fwd_hooks=[("iter.1.blocks.0.hook_resid_post", 42)])
+    with pytest.raises(ll.HookNameError, match=r"did you mean \['iter\.2\.blocks\.1\.hook_resid_post'"):
+        model.run_with_hooks(tokens, fwd_hooks=[("iter.2.blocks.1.hook_reisd_post", lambda x, hook: x)])
+    assert torch.equal(model(tokens, n_loops=3, exit=-2), model(tokens, n_loops=3, exit=1))
+    assert torch.equal(model(tokens, n_loops=3, exit=-1), model(tokens, n_loops=3))
+
+
+def test_text_outside_the_vocabulary_is_named_not_turned_into_padding():
+    model = ll.load("zoo:khop-huginn")
+    with pytest.raises(ValueError, match=r"not in the tokenizer's vocabulary: \['/', '\?'"):
+        model.to_tokens("f 2 / 3 ?")
+    with pytest.raises(ValueError, match="vocabulary"):
+        model("\ufeffb f")
+
+
+def test_loading_and_looping_mistakes_are_load_errors():
+    with pytest.raises(ll.LoadError, match="device 'nope'"):
+        ll.load("zoo:khop-huginn", device="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(ll.LoadError, match="no CUDA device"):
+            ll.load("zoo:khop-huginn", device="cuda")
+    with pytest.raises(ll.LoadError, match="already looped: load it with ll.load"):
+        ll.loop("zoo:khop-ff", block=(2, 4), n_loops=3)
+    with pytest.raises(ll.LoadError, match="block must be a pair"):
+        ll.loop("zoo:khop-ff", block=3, n_loops=3)
+
+
+def test_a_reference_run_on_another_input_is_refused():
+    from loop_lens.analysis.fixed_points import fixed_points
+
+    model = tiny_model("huginn")
+    tokens = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens, n_loops=3, seed=0)
+    _, same = model.run_with_cache(tokens, n_loops=6, seed=0)
+    _, other = model.run_with_cache(tokens.flip(1), n_loops=6, seed=0)
+    fixed_points(cache, reference=same)
+    with pytest.raises(ValueError, match="another input or start state"):
+        fixed_points(cache, reference=other)

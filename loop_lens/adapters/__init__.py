@@ -74,6 +74,7 @@ def load(
     from the checkpoint is imported or executed. bf16 checkpoints stay bf16 unless `dtype=` says
     otherwise.
     """
+    _check_device(device)
     text = str(path)
     if family == "zoo" or text.startswith("zoo:"):
         return load(zoo_path(text.removeprefix("zoo:")), family="native", device=device, dtype=dtype)
@@ -91,6 +92,20 @@ def load(
         cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
         tokenizer = load_tokenizer(directory)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
+
+
+def _check_device(device: Any) -> None:
+    """A device this torch can use, or LoadError naming it (before anything is read)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise LoadError(f"device {device!r} is not a torch device: {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError(f"device {device!r}: this torch has no CUDA device available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LoadError(f"device {device!r}: MPS is not available here")
 
 
 def _native(directory: Path) -> tuple[LoopConfig, TensorSource, Any]:
@@ -139,6 +154,14 @@ def loop(
     (the prelude output is added to the state before every iteration, which starts at zero).
     With `n_loops=1` the model computes exactly the original network.
     """
+    _check_device(device)
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        raise LoadError(f"block must be a pair (a, b) of layer indices, got {block!r}")
+    native = isinstance(path_or_model, HookedLoopedTransformer) or (
+        isinstance(path_or_model, (str, Path)) and (str(path_or_model).startswith("zoo:") or (Path(path_or_model) / CONFIG_NAME).is_file()))
+    if native:
+        raise LoadError(f"ll.loop takes a feedforward transformers checkpoint (config.json + weights); {path_or_model!r} is a "
+                        "loop_lens model, already looped: load it with ll.load and pick n_loops= at run time")
     config, tensors, origin, tokenizer = _config_and_tensors(path_or_model)
     src = TensorSource(tensors, origin, ignore=["lm_head.weight"] if config.get("tie_word_embeddings") else [])
     cfg, mapped = families.feedforward(config, src, tuple(block), n_loops, injection or "none")
@@ -149,6 +172,7 @@ def from_hf(hf_model: Any, family: Optional[str] = None, device: Any = None, dty
     """Convert an in-memory transformers model (remote-code Ouro / Huginn too) by reading its
     `config` and `state_dict`; none of its code is called. A feedforward model becomes a
     (0, L x 1, 0) loop of all its layers; use `loop` to pick a block."""
+    _check_device(device)
     config, tensors, origin, tokenizer = _config_and_tensors(hf_model)
     if family is None and config.get("model_type") in families.FEEDFORWARD_TYPES:
         L = config.get("num_hidden_layers") or config.get("n_layer")

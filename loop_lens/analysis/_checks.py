@@ -83,6 +83,12 @@ def reference_cache(reference: Any, cache: LoopCache) -> LoopCache:
     if ref.n_loops < cache.n_loops:
         raise ValueError(f"reference has n_loops={ref.n_loops}, fewer than the cache's n_loops={cache.n_loops}; "
                          "its last iteration stands for the fixed point, so it must run at least as long")
+    shared = [k for k in cache.cache_dict if k in ref.cache_dict and k.startswith("iter.0.")]
+    for key in shared:  # the first iteration of the same input and start state is the same computation
+        ours, theirs = cache.cache_dict[key], ref.cache_dict[key]
+        if ours.shape != theirs.shape or not torch.allclose(ours.float(), theirs.float(), rtol=1e-4, atol=1e-5):
+            raise ValueError(f"reference is a run on another input or start state: its {key} differs from the cache's "
+                             "(it must be a run of the same input, with the same seed or initial_state)")
     return ref
 
 

@@ -20,7 +20,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from loop_lens.cache import LoopCache
-from loop_lens.checks import check_n_loops
+from loop_lens.checks import check_n_loops, integer
 from loop_lens.config import LoopConfig
 from loop_lens.errors import HookError, HookNameError
 from loop_lens.generation import generate
@@ -192,7 +192,7 @@ class HookedLoopedTransformer(HookedRootModule):
     def hook_names(self, n_loops: Optional[int] = None) -> list[str]:
         """Every hook name a run with `n_loops` iterations fires, in the order they fire."""
         T = check_n_loops(n_loops, self.cfg.default_loops)
-        fixed = [n for n in self.hook_dict if not n.startswith("iter.")]
+        fixed = [n for n in self.hook_dict if not n.startswith("iter.") and n not in self._silent_hooks]
         before = [n for n in fixed if n.startswith(("hook_embed", "hook_pos_embed", "prelude."))]
         after = [n for n in fixed if n not in before]
         return before + [n for t in range(T) for n in self.loop_hook_names(t)] + after
@@ -226,8 +226,17 @@ class HookedLoopedTransformer(HookedRootModule):
         if idle:
             self.setup()
 
+    @property
+    def _silent_hooks(self) -> frozenset[str]:
+        """Hook points that exist but never fire: the final norm's when the model applies that
+        norm inside every iteration instead (Ouro: `iter.{t}.ln_state.*`)."""
+        return frozenset() if self.cfg.final_norm else frozenset({"ln_final.hook_scale", "ln_final.hook_normalized"})
+
     def _hook_point(self, name: str) -> HookPoint:
         """The hook point called `name`, creating its iteration's hook points if needed."""
+        if name in self._silent_hooks:
+            raise HookNameError(f"{name!r} never fires on this model: its final norm runs inside every iteration "
+                                f"(hook iter.{{t}}.ln_state.* instead)")
         hp = self.mod_dict.get(name)
         if isinstance(hp, HookPoint):
             return hp
@@ -238,8 +247,9 @@ class HookedLoopedTransformer(HookedRootModule):
         if parts is not None and parts.phase == "loop" and name.split(".", 2)[2] in self._iter_suffixes:
             self._materialise([parts.iteration])
             return self.mod_dict[name]
-        known = [n for n in self.hook_dict if not n.startswith("iter.")] + self.loop_hook_names(0)
-        close = difflib.get_close_matches(name.replace(f"iter.{parts.iteration}.", "iter.0.") if parts and parts.iteration is not None else name, known, n=3)
+        t = parts.iteration if parts is not None and parts.iteration is not None else 0
+        known = [n for n in self.hook_dict if not n.startswith("iter.")] + self.loop_hook_names(t)
+        close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise HookNameError(f"no hook point named {name!r} on this model{hint} (model.hook_names(T) lists them all)")
 
@@ -256,6 +266,9 @@ class HookedLoopedTransformer(HookedRootModule):
         """TransformerLens's `add_hook`. A name creates its iteration's hook points; a filter
         applies to every iteration of every later run (its hook points are created as runs reach
         them). Forward hooks that return a wrong shape, dtype or type raise HookError."""
+        if not callable(hook):
+            raise TypeError(f"the hook for {name if isinstance(name, str) else 'a filter'!r} is a {type(hook).__name__}, "
+                            "not a function (activation, hook) -> activation or None")
         fn = _checked_hook(hook) if dir == "fwd" else hook
         if isinstance(name, str):
             hp = self._hook_point(name)
@@ -264,7 +277,7 @@ class HookedLoopedTransformer(HookedRootModule):
         if not callable(name):
             raise TypeError(f"a hook name must be a string or a filter function, got {type(name).__name__}")
         for n, hp in list(self.hook_dict.items()):
-            if not n.startswith("iter.") and name(n):
+            if not n.startswith("iter.") and n not in self._silent_hooks and name(n):
                 self.check_and_add_hook(hp, n, fn, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
         self._filter_hooks.append(_FilterHook(name, fn, dir, level, is_permanent, prepend))
 
@@ -335,6 +348,8 @@ class HookedLoopedTransformer(HookedRootModule):
 
     def _as_tokens(self, input: TokensLike) -> tuple[Tensor, Optional[Tensor]]:
         """Token ids [batch, pos] (and the padding mask when text was given), checked."""
+        if isinstance(input, (list, tuple)) and len(input) == 0:
+            raise ValueError("empty input: an empty list of prompts")
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             tokens, mask = self.tokenize(input)
             return tokens, mask
@@ -361,12 +376,16 @@ class HookedLoopedTransformer(HookedRootModule):
         return_type: Optional[str],
         exit: Union[None, str, int],
         stop_at_layer: Any,
+        seed: Any = None,
+        generator: Optional[torch.Generator] = None,
+        initial_state: Optional[Tensor] = None,
     ) -> _Run:
         """Check every argument before any compute and return the run's settings."""
         cfg = self.cfg
         T = check_n_loops(n_loops, cfg.default_loops)
         tokens, text_mask = self._as_tokens(input)
         B, S = tokens.shape
+        self._check_start(seed, generator, initial_state, (B, S, cfg.d_model))
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
         if return_type in ("loss", "both") and S < 2:
@@ -389,6 +408,20 @@ class HookedLoopedTransformer(HookedRootModule):
         self._attach_filter_hooks(T)
         rope = self.rotary(S, tokens.device) if self.rotary is not None else None
         return _Run(tokens, T, self._resolve_exit(exit, T, return_type), mask, self.rotary, rope, stop_at_layer)
+
+    @staticmethod
+    def _check_start(seed: Any, generator: Any, initial_state: Any, shape: tuple[int, int, int]) -> None:
+        """The start-state arguments: at most one of seed / generator / initial_state, each valid."""
+        given = [n for n, v in (("seed", seed), ("generator", generator), ("initial_state", initial_state)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of seed=, generator= or initial_state=, not {' and '.join(given)}")
+        if seed is not None and not 0 <= integer(seed, "seed") < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if initial_state is not None and (not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != shape):
+            got = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else type(initial_state).__name__
+            raise ValueError(f"initial_state has shape {got}, expected {shape} [batch, pos, d_model]")
 
     def _check_mask(self, mask: Optional[Tensor], B: int, S: int) -> Optional[Tensor]:
         if mask is None:
@@ -414,8 +447,10 @@ class HookedLoopedTransformer(HookedRootModule):
             exit = self.cfg.default_exit
             if isinstance(exit, int) and not isinstance(exit, bool) and not 0 <= exit < T:
                 exit = "threshold"
-        elif isinstance(exit, bool) or not (exit in EXIT_MODES or (isinstance(exit, numbers.Integral) and 0 <= exit < T)):
-            raise ValueError(f"exit must be one of {EXIT_MODES} or an iteration index in [0, {T}), got {exit!r}")
+        elif isinstance(exit, bool) or not (exit in EXIT_MODES or (isinstance(exit, numbers.Integral) and -T <= exit < T)):
+            raise ValueError(f"exit must be one of {EXIT_MODES} or an iteration index in [-{T}, {T}), got {exit!r}")
+        if isinstance(exit, numbers.Integral) and exit < 0:
+            exit = T + int(exit)
         if exit in ("weighted", "threshold") and not gated:
             raise ValueError(f"exit={exit!r} needs a model with an exit gate (Ouro)")
         if isinstance(exit, numbers.Integral) and exit == T - 1:
@@ -458,7 +493,7 @@ class HookedLoopedTransformer(HookedRootModule):
                 convention).
             loss_per_token: with a loss, return it per token [batch, pos - 1].
         """
-        run = self._prepare(input, n_loops, attention_mask, return_type, exit, stop_at_layer)
+        run = self._prepare(input, n_loops, attention_mask, return_type, exit, stop_at_layer, seed, generator, initial_state)
         try:
             e = self._prelude(self._embed(run.tokens), run)
             s0 = self._start_state(e, run, initial_state, generator, seed)
@@ -487,9 +522,6 @@ class HookedLoopedTransformer(HookedRootModule):
     def _start_state(self, e: Tensor, run: _Run, given: Optional[Tensor], generator, seed) -> Tensor:
         if given is None:
             return self.initial_state(e, generator=generator, seed=seed, attention_mask=run.mask)
-        if not isinstance(given, Tensor) or tuple(given.shape) != tuple(e.shape):
-            shape = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
-            raise ValueError(f"initial_state has shape {shape}, expected {tuple(e.shape)} [batch, pos, d_model]")
         return given.to(device=e.device, dtype=e.dtype)
 
     def _loop(
@@ -666,7 +698,7 @@ class HookedLoopedTransformer(HookedRootModule):
         if names_filter is not None and not callable(names_filter):
             raise ValueError(f"names_filter must be None, a name, a list of names or a function, got {type(names_filter).__name__}")
         keep = names_filter or (lambda name: True)
-        wanted = {n for n in self.hook_dict if not n.startswith("iter.") and keep(n)}
+        wanted = {n for n in self.hook_dict if not n.startswith("iter.") and n not in self._silent_hooks and keep(n)}
         hooked = []
         for t in range(n_loops):
             names = [n for n in self.loop_hook_names(t) if keep(n)]
