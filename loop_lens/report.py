@@ -118,6 +118,7 @@ def build_report(
     progress: bool = True,
 ) -> Report:
     """Run the model on the prompts (one batch, right-padded) and assemble every section."""
+    cfg = model.cfg
     T = check_n_loops(n_loops, model.cfg.default_loops)
     position = integer(position, "position")
     seed = integer(seed, "seed")
@@ -145,7 +146,7 @@ def build_report(
     pos = position if position >= 0 else length0 + position
     steps_bar = tqdm(total=7, desc="report", disable=not progress)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, n_loops=T, attention_mask=mask, seed=seed,
+        logits, cache = model.run_with_cache(tokens, n_loops=T, attention_mask=mask, seed=seed,
                                         names_filter=lambda n: n.endswith(REPORT_HOOKS))
     steps_bar.update()
     m = mask if not bool(mask.all()) else None
@@ -156,7 +157,11 @@ def build_report(
     stab = attention_stability(model, cache, tokens, mask=m)
     table = stab.table(tol=stabilisation_tol)
     steps_bar.update()
-    lens = logit_lens(model, cache, mask=m)
+    # models with a coda (or a norm between loop and coda) read their states through it: the coda lens
+    lens_name = "coda" if cfg.n_coda or cfg.norm_after_loop else "logit"
+    lens = logit_lens(model, cache, mask=m, lens=lens_name)
+    probs = torch.softmax(logits[0, pos].float(), dim=-1)
+    answer_id, answer_prob = int(probs.argmax()), float(probs.max())
     steps_bar.update()
     traj = pca_trajectory(cache, position=pos, batch=0)
     steps_bar.update()
@@ -164,7 +169,6 @@ def build_report(
     view = AttentionView(cache.stack("attn.hook_pattern")[:, :, 0, :, :length0, :length0], str_tokens,
                          title="Attention patterns of every head, prompt 0")
     conv = steps.convergence_iteration(convergence_tol)
-    cfg = model.cfg
     meta = {
         "command": command or "(Python) loop_lens.report.build_report",
         "model": model_name or cfg.model_name,
@@ -176,6 +180,7 @@ def build_report(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "iterations": "counted from 0 (the paper counts from 1)",
+        "prediction": f"prompt 0, position {pos}: {_token_text(model, answer_id)!r} (p = {answer_prob:.3f}) after {T} iterations",
     }
     block = parts()
     report = Report(meta)
@@ -194,8 +199,11 @@ def build_report(
         "sink score and mixing at the last iteration. kappa = ||W_Q W_K^T||_2, the constant of the paper's bound "
         "tying pattern change to the residual step.")))
     report.sections.append(("Attention per head and iteration", view.html(include_bundle=False)))
-    report.sections.append((f"Logit lens at position {pos}", figure_html(lens.plot(position=pos)) +
-                            _table_html(lens.grid(position=pos), index="")))
+    report.sections.append((f"{lens_name.capitalize()} lens at position {pos}", block.note(
+        f"The model predicts {_token_text(model, answer_id)!r} (p = {answer_prob:.3f}) at position {pos} after {T} "
+        f"iterations. Each cell reads one (iteration, layer) output through the {lens_name} lens"
+        + (" (the rest of the network: post-loop norm, coda, final norm, unembedding)." if lens_name == "coda" else
+           " (final norm and unembedding).")) + figure_html(lens.plot(position=pos)) + _table_html(lens.grid(position=pos), index="")))
     report.sections.append((f"PCA trajectory of position {pos}", figure_html(traj.plot(dims=2))))
     steps_bar.update(2)
     steps_bar.close()
@@ -204,8 +212,15 @@ def build_report(
         "fixed_point_cosine": fp.layer_cosine,
         "head_stability": table.to_dict(orient="records"),
         "sink_rate": stab.sink_rate(),
-        "logit_lens_top1": lens.top_ids[:, :, 0, pos, 0],
-        "logit_lens_top1_prob": lens.top_probs[:, :, 0, pos, 0],
+        "prediction": {"position": pos, "token_id": answer_id, "token": _token_text(model, answer_id), "prob": answer_prob},
+        "lens": lens_name,
+        "lens_top1": lens.top_ids[:, :, 0, pos, 0],
+        "lens_top1_prob": lens.top_probs[:, :, 0, pos, 0],
         "trajectory": traj.coords,
     }
     return report
+
+
+def _token_text(model: Any, token_id: int) -> str:
+    """A token's text (its id when the model has no tokenizer)."""
+    return model.to_str_tokens([token_id])[0] if model.tokenizer is not None else str(token_id)

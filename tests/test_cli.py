@@ -199,3 +199,17 @@ def test_report_files_get_ordinary_permissions(tmp_path):
     kept.chmod(0o640)
     write_text_atomic(kept, "new")
     assert kept.read_text() == "new" and stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+
+def test_report_states_the_prediction_and_reads_states_through_the_coda(capsys, tmp_path):
+    prompt = "b f e j i c f a j i h d a e c g d b g h | f 2 ="
+    code, _, err = run(capsys, "report", "zoo:khop-huginn", "--prompts", prompt, "--n-loops", "4",
+                       "--out", str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json"), "--quiet")
+    assert code == 0, err
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    model = ll.load("zoo:khop-huginn")
+    expected = int(model(prompt, n_loops=4, seed=0)[0, -1].argmax())
+    assert numbers["prediction"]["token_id"] == expected and numbers["prediction"]["token"] == "e"
+    # the coda lens of the last iteration's last layer is the model's own output
+    assert numbers["lens"] == "coda" and numbers["lens_top1"][-1][-1] == expected
+    assert "The model predicts &#39;e&#39;" in (tmp_path / "r.html").read_text()
