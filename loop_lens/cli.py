@@ -1,4 +1,4 @@
-"""`loop-lens`: inspect, convert and list looped models from the shell.
+"""`loop-lens`: inspect, convert, report on, generate from, sweep and list looped models from the shell.
 
 Importing any part of loop_lens imports torch (the package's `__init__` runs first), so the
 commands import loop_lens inside their functions and `--help` stays fast.
@@ -79,6 +79,8 @@ def _read_prompts(text: Optional[str], file: Optional[str]) -> list[str]:
     `--prompts-file` (one prompt per line, or a JSON list of strings)."""
     from loop_lens.errors import LoadError
 
+    if file is None and text is not None and Path(text).is_dir():
+        raise LoadError(f"--prompts {text} is a directory; give a prompt, or a file with --prompts-file")
     if file is None and text is not None and Path(text).is_file():
         file = text
     if file is None:
@@ -176,6 +178,65 @@ def _zoo_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """`loop-lens sweep`: per-prompt streaming analyses into a Parquet table (sharded under torchrun)."""
+    import torch
+
+    from loop_lens.checks import positive_int
+    from loop_lens.sweep import TABLE, run_sweep
+
+    if args.n_loops is not None:
+        positive_int(args.n_loops, "--n-loops")
+    prompts = _read_prompts(None, args.prompts)
+    dtype = None if args.dtype is None else {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                              "float32": torch.float32}[args.dtype]
+    result = run_sweep(args.model, prompts, args.n_loops, args.out, batch_size=args.batch_size, seed=args.seed,
+                       lens=args.lens, family=args.family, dtype=dtype, overwrite=args.force, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run = result.summary["run"]
+        print(f"wrote {Path(args.out) / TABLE}: {run['n_rows']:,} rows, {run['n_prompts']} prompts, "
+              f"n_loops={run['n_loops']}, {run['world_size']} process(es)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import loop_lens as ll
+    from loop_lens.checks import check_n_loops, positive_int
+    from loop_lens.errors import LoadError
+    from loop_lens.generation import eos_token
+
+    n_loops = None if args.n_loops is None else check_n_loops(args.n_loops, 1)
+    max_new = positive_int(args.max_new_tokens, "--max-new-tokens")
+    if not args.prompt.strip():
+        raise LoadError("--prompt is empty: give the text to continue")
+    model = ll.load(args.model, family=args.family)
+    if model.tokenizer is None:
+        raise LoadError(f"{args.model} carries no tokenizer (tokenizer.json); generate needs one to read --prompt")
+    eos = eos_token(model, args.eos_token_id)
+    threshold = args.threshold
+    if args.adaptive == "argmax" and threshold is not None and float(threshold).is_integer():
+        threshold = int(threshold)  # a count of iterations; argparse reads every threshold as a float
+    result = model.generate(
+        args.prompt, max_new_tokens=max_new, n_loops=n_loops, stop_at_eos=eos is not None, eos_token_id=eos,
+        do_sample=args.do_sample, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+        use_past_kv_cache=not args.no_cache, return_type="result", seed=args.seed, initial_state=args.initial_state,
+        verbose=not args.quiet, adaptive=args.adaptive, threshold=threshold,
+    )
+    frame = result.to_frame()
+    if args.json:
+        out = {"text": result.text[0], "tokens": result.generated[0].tolist(), "token_strs": frame["token_str"].tolist(),
+               "iterations": result.iterations[0].tolist(), "mean_iterations": result.mean_iterations,
+               "n_loops": result.n_loops, "adaptive": args.adaptive, "threshold": result.threshold}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(result.text[0])
+    print(f"\n{'step':>4}  {'token':<12} iterations (of {result.n_loops})")
+    for row in frame.itertuples():
+        print(f"{row.step:>4}  {row.token_str!r:<12} {row.iterations}")
+    print(f"mean iterations per token: {result.mean_iterations:.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loop-lens", description="Interpretability for looped language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +267,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default=None, help="override family detection")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("sweep", help="streaming analyses of every prompt of a file into one Parquet table "
+                                     "(under torchrun --nproc-per-node N: sharded across ranks)")
+    p.add_argument("model", help="checkpoint directory or zoo:<name>")
+    p.add_argument("--prompts", required=True, help="a file: one prompt per line, or a JSON list of strings (.json)")
+    p.add_argument("--n-loops", type=int, default=None, help="iterations to run (default: the model's own)")
+    p.add_argument("--out", required=True, help="directory for sweep.parquet, heads.parquet and summary.json")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random initial states (per prompt)")
+    p.add_argument("--lens", choices=("logit", "coda"), default="logit", help="lens for the per-iteration answer")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="load the weights in this dtype")
+    p.add_argument("--family", default=None, help="override family detection")
+    p.add_argument("--force", action="store_true", help="replace a finished sweep with other settings in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("generate", help="generate text, printing the loop iterations each token used")
+    p.add_argument("model", help="checkpoint directory or zoo:<name>")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument("--n-loops", type=int, default=None, help="iterations per token, the most with --adaptive (default: the model's own)")
+    p.add_argument("--adaptive", choices=["kl", "entropy", "argmax", "gate"], default=None, help="per-token exit criterion")
+    p.add_argument("--threshold", type=float, default=None, help="the criterion's threshold (default: the reference's)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed for a random start state and sampling (default 0)")
+    p.add_argument("--initial-state", choices=["zeros", "embed"], default=None, help="a deterministic start state")
+    p.add_argument("--eos-token-id", type=int, default=None, help="stop at this token (default: the tokenizer's, if any)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--family", default=None, help="override family detection")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("zoo", help="the tiny models shipped in the package")
     zsub = p.add_subparsers(dest="zoo_command", required=True)

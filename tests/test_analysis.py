@@ -337,3 +337,14 @@ def test_over_prompts_pads_masks_and_aggregates():
     torch.testing.assert_close(torch.tensor(got.step.values), torch.tensor(ref.step.values), atol=1e-4, rtol=1e-4)
     summary = aggregate(frame, ["iteration", "layer"], "relative_step")
     assert {"mean", "q10", "q50", "q90", "n"} <= set(summary.columns) and summary.n.max() == 3
+
+
+def test_kappa_is_the_spectral_norm_of_wq_wk_transposed():
+    from loop_lens.analysis.attention import _kappa
+
+    model = tiny_model("pre")
+    for layer, block in enumerate(model.blocks):
+        wq = block.attn.W_Q.detach().double()
+        wk = block.attn.W_K.detach().double().repeat_interleave(block.attn.n_heads // block.attn.n_kv, dim=0)
+        direct = torch.linalg.svdvals(wq @ wk.transpose(1, 2))[:, 0]
+        torch.testing.assert_close(_kappa(model)[layer].double(), direct, rtol=1e-5, atol=1e-6)

@@ -383,7 +383,7 @@ def test_loading_and_looping_mistakes_are_load_errors():
             ll.load("zoo:khop-huginn", device="cuda")
     with pytest.raises(ll.LoadError, match="already looped: load it with ll.load"):
         ll.loop("zoo:khop-ff", block=(2, 4), n_loops=3)
-    with pytest.raises(ll.LoadError, match="block must be a pair"):
+    with pytest.raises(ll.LoadError, match="block=3 must be two integers"):
         ll.loop("zoo:khop-ff", block=3, n_loops=3)
 
 

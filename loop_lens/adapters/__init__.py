@@ -156,7 +156,7 @@ def loop(
     """
     _check_device(device)
     if not isinstance(block, (tuple, list)) or len(block) != 2:
-        raise LoadError(f"block must be a pair (a, b) of layer indices, got {block!r}")
+        raise LoadError(f"block={block!r} must be two integers (a, b)")
     native = isinstance(path_or_model, HookedLoopedTransformer) or (
         isinstance(path_or_model, (str, Path)) and (str(path_or_model).startswith("zoo:") or (Path(path_or_model) / CONFIG_NAME).is_file()))
     if native:

@@ -45,11 +45,23 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Every tensor of a safetensors file, memory-mapped: nothing is read until it is used.
+
+    Each tensor gets its own mapping of the file, so that a tensor dropped once it has been
+    converted (`assemble` does this) gives its pages back at once instead of when the last tensor
+    of the file goes; tensors kept at the file's dtype stay backed by the file (a private mapping:
+    writes to them never reach the file).
+    """
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+        tensors = {}
+        for name in names:
+            with safe_open(str(path), framework="pt") as handle:
+                tensors[name] = handle.get_tensor(name)
+        return tensors
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise LoadError(f"cannot read {path} (truncated or corrupt safetensors file?): {err}") from err
 
@@ -195,6 +207,28 @@ class CheckpointConfig:
             raise LoadError(f"{where}: {getattr(err, 'problem', err)}") from err
 
 
+def _convert(
+    expected: dict[str, Tensor],
+    mapped: dict[str, tuple[str, Tensor]],
+    source: TensorSource,
+    dtype: torch.dtype,
+    device: Optional[str | torch.device],
+) -> dict[str, Tensor]:
+    """The parameters at `dtype` (on `device`), one tensor at a time, emptying `mapped` and
+    `source` as it goes: a source tensor that had to be converted or moved is dropped as soon as
+    its copy exists, so the memory-mapped source and the converted weights are never both resident
+    in full. Tensors already at `dtype` on the CPU are used as they are (no copy)."""
+    state: dict[str, Tensor] = {}
+    for name in expected:
+        src_name, tensor = mapped.pop(name)
+        source.tensors.pop(src_name, None)
+        state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+        del tensor
+    mapped.clear()  # tensors mapped to no parameter (already reported as unused)
+    source.tensors.clear()
+    return state
+
+
 def assemble(
     cfg: LoopConfig,
     mapped: dict[str, tuple[str, Tensor]],
@@ -207,7 +241,8 @@ def assemble(
 
     Every parameter must be mapped with a floating-point tensor of the right shape; tensors the
     model does not use (left untaken, or mapped to no parameter) are reported in one warning.
-    Nothing partial is returned: any problem raises LoadError.
+    Nothing partial is returned: any problem raises LoadError. `mapped` and `source` are consumed
+    (emptied) so that no second copy of the weights stays alive while they are converted.
     """
     from loop_lens.model.components import Rotary
     from loop_lens.model.looped import HookedLoopedTransformer
@@ -241,15 +276,16 @@ def assemble(
                 f"expected {tuple(want.shape)} for this config"
             )
     dtype = dtype or mapped["embed.weight"][1].dtype
-    state = {name: mapped[name][1].to(dtype=dtype).contiguous() for name in expected}
+    used = {src for ours, (src, _) in mapped.items() if ours in expected}
+    extra = sorted(set(source.unused()) | ({src for src, _ in mapped.values()} - used))
+    state = _convert(expected, mapped, source, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
+    del state
     if cfg.tie_embeddings:
         model.unembed.weight = model.embed.weight
     if model.rotary is not None:
         model.rotary = Rotary(cfg)
     model.setup()
-    used = {src for ours, (src, _) in mapped.items() if ours in expected}
-    extra = sorted(set(source.unused()) | ({src for src, _ in mapped.values()} - used))
     if extra:
         warnings.warn(
             f"{len(extra)} tensor(s) in {source.origin} were not used by the {cfg.family} adapter: "

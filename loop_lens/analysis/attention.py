@@ -230,7 +230,10 @@ def _kappa(model: LoopedModel) -> Float[Tensor, "L H"]:
             attn = block.attn
             wq = attn.W_Q.float()  # [H, D, hd]
             wk = attn.W_K.float().repeat_interleave(attn.n_heads // attn.n_kv, dim=0)
-            out.append(torch.linalg.matrix_norm(wq @ wk.transpose(1, 2), ord=2))
+            # W_Q W_K^T = Q_q (R_q R_k^T) Q_k^T with orthonormal Q's: the same spectral norm from
+            # d_head x d_head factors instead of d_model x d_model products (384 SVDs of 2048^2 at 1.4B)
+            rq, rk = torch.linalg.qr(wq, mode="r").R, torch.linalg.qr(wk, mode="r").R
+            out.append(torch.linalg.matrix_norm(rq @ rk.transpose(1, 2), ord=2))
     return torch.stack(out)
 
 
