@@ -482,7 +482,32 @@ def generate(
     prepend_bos: bool = True,
     fwd_hooks: Sequence[tuple[Any, Any]] = (),
 ) -> Any:
-    """Generate tokens (see `HookedLoopedTransformer.generate` for the arguments)."""
+    """Generate tokens: TransformerLens's `generate` for looped models, as `model.generate(...)`.
+
+    Args:
+        input: text, a list of texts (right-padded by the tokenizer) or token ids [batch, pos].
+        max_new_tokens: tokens to generate (fewer when every row has met `eos_token_id`).
+        n_loops: iterations per token (default `cfg.default_loops`); with `adaptive`, the most.
+        stop_at_eos / eos_token_id: stop a row at its end-of-sequence token (the tokenizer's
+            when not given) and pad it with that token until every row has stopped.
+        do_sample / top_k / top_p / temperature: greedy by default; else sample (temperature
+            0 is greedy), keeping the top k tokens, then the nucleus of mass `top_p`.
+        use_past_kv_cache: keep keys and values per (iteration, block layer), prelude and
+            coda layer; False recomputes the whole sequence at every step (same tokens).
+        return_type: "input" (text for text input, else tokens), "str", "tokens" (left-padded
+            [batch, pos]) or "result" (a `GenerationResult` with iterations per token).
+        seed: makes random start states and sampling reproducible, per row (batch-independent).
+        initial_state: None (the model's own: random for Huginn), "zeros" or "embed".
+        verbose: show a progress bar.
+        adaptive / threshold: per-token exit criterion: "kl" (KL between successive
+            iterations' next-token distributions below threshold), "entropy" (entropy change
+            below threshold), "argmax" (argmax unchanged for `threshold` iterations) or
+            "gate" (Ouro: cumulative exit probability reaches threshold).
+        attention_mask: [batch, pos], 1 for real tokens, for padded token input (left or right).
+        prepend_bos: for text input, as `to_tokens`.
+        fwd_hooks: (name or filter, hook) pairs active during generation; hooks fire at every
+            step with the iteration in their names.
+    """
     T = check_n_loops(n_loops, model.cfg.default_loops)
     max_new = integer(max_new_tokens, "max_new_tokens")
     if max_new < 0:

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from loop_lens import generation
 from loop_lens.cache import LoopCache
 from loop_lens.checks import check_n_loops, integer
 from loop_lens.config import LoopConfig
 from loop_lens.errors import HookError, HookNameError
-from loop_lens.generation import generate
 from loop_lens.model.components import Block, Injection, Norm, Rotary
 from loop_lens.model.hooks import NO_HOOKS, BlockHooks, IterationHooks, NormHooks
 from loop_lens.model.names import parse_hook_name
@@ -712,61 +712,7 @@ class HookedLoopedTransformer(HookedRootModule):
         return check_n_loops(kwargs.get("n_loops", args[1] if len(args) > 1 else None), self.cfg.default_loops)
 
     # ------------------------------------------------------------------ generation
-    def generate(
-        self,
-        input: Any = "",
-        max_new_tokens: int = 10,
-        n_loops: Optional[int] = None,
-        stop_at_eos: bool = True,
-        eos_token_id: Optional[int] = None,
-        do_sample: bool = False,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        temperature: float = 1.0,
-        use_past_kv_cache: bool = True,
-        return_type: Optional[str] = "input",
-        seed: Optional[int] = None,
-        initial_state: Optional[str] = None,
-        verbose: bool = True,
-        adaptive: Optional[str] = None,
-        threshold: Optional[float] = None,
-        attention_mask: Optional[Tensor] = None,
-        prepend_bos: bool = True,
-        fwd_hooks: Sequence[tuple[Any, Callable]] = (),
-    ) -> Any:
-        """Generate tokens, TransformerLens's `generate` for looped models (`docs/generation.md`).
-
-        Args:
-            input: text, a list of texts (right-padded by the tokenizer) or token ids [batch, pos].
-            max_new_tokens: tokens to generate (fewer when every row has met `eos_token_id`).
-            n_loops: iterations per token (default `cfg.default_loops`); with `adaptive`, the most.
-            stop_at_eos / eos_token_id: stop a row at its end-of-sequence token (the tokenizer's
-                when not given) and pad it with that token until every row has stopped.
-            do_sample / top_k / top_p / temperature: greedy by default; else sample (temperature
-                0 is greedy), keeping the top k tokens, then the nucleus of mass `top_p`.
-            use_past_kv_cache: keep keys and values per (iteration, block layer), prelude and
-                coda layer; False recomputes the whole sequence at every step (same tokens).
-            return_type: "input" (text for text input, else tokens), "str", "tokens" (left-padded
-                [batch, pos]) or "result" (a `GenerationResult` with iterations per token).
-            seed: makes random start states and sampling reproducible, per row (batch-independent).
-            initial_state: None (the model's own: random for Huginn), "zeros" or "embed".
-            verbose: show a progress bar.
-            adaptive / threshold: per-token exit criterion: "kl" (KL between successive
-                iterations' next-token distributions below threshold), "entropy" (entropy change
-                below threshold), "argmax" (argmax unchanged for `threshold` iterations) or
-                "gate" (Ouro: cumulative exit probability reaches threshold).
-            attention_mask: [batch, pos], 1 for real tokens, for padded token input (left or right).
-            prepend_bos: for text input, as `to_tokens`.
-            fwd_hooks: (name or filter, hook) pairs active during generation; hooks fire at every
-                step with the iteration in their names.
-        """
-        return generate(
-            self, input, max_new_tokens=max_new_tokens, n_loops=n_loops, stop_at_eos=stop_at_eos,
-            eos_token_id=eos_token_id, do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
-            use_past_kv_cache=use_past_kv_cache, return_type=return_type, seed=seed, initial_state=initial_state,
-            verbose=verbose, adaptive=adaptive, threshold=threshold, attention_mask=attention_mask,
-            prepend_bos=prepend_bos, fwd_hooks=fwd_hooks,
-        )
+    generate = generation.generate  # model.generate(input, max_new_tokens=..., ...): TL's generate for looped models
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: Union[str, Path], overwrite: bool = False) -> Path:
