@@ -156,7 +156,8 @@ def _report(args: argparse.Namespace) -> int:
                          f"(use 0..{length - 1}, or -1 for the last)")
     command = "loop-lens " + " ".join(shlex.quote(a) for a in args.argv)
     report = build_report(model, prompts, n_loops=n_loops if args.n_loops is not None else None, model_name=args.model,
-                          command=command, position=args.position, seed=args.seed, progress=not args.quiet)
+                          command=command, position=args.position, seed=args.seed, progress=not args.quiet,
+                          corrupt=args.corrupt, generate=args.generate, adaptive=args.adaptive, threshold=args.threshold)
     report.save(Path(args.out), json_path=args.json)
     print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
     return 0
@@ -266,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for a random initial state")
     p.add_argument("--family", default=None, help="override family detection")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--corrupt", default=None, help="a corrupted version of the first prompt (same length): adds "
+                   "activation patching of every (iteration, layer, position) residual")
+    p.add_argument("--generate", type=int, default=0, help="generate this many tokens after the first prompt and show "
+                   "the iterations each used")
+    p.add_argument("--adaptive", default=None, choices=["kl", "entropy", "argmax", "gate"], help="exit criterion for --generate")
+    p.add_argument("--threshold", type=float, default=None, help="threshold of the --adaptive criterion")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("sweep", help="streaming analyses of every prompt of a file into one Parquet table "

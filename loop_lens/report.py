@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from markupsafe import Markup
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from loop_lens.analysis.attention import attention_stability
@@ -31,6 +32,7 @@ from loop_lens.analysis.stages import logit_lens
 from loop_lens.analysis.trajectory import pca_trajectory
 from loop_lens.checks import check_n_loops, integer
 from loop_lens.files import write_text_atomic
+from loop_lens.patching import activation_patch
 from loop_lens.viz import AttentionView, circuitsvis_bundle, figure_html, parts, plotly_bundle, templates
 
 REPORT_HOOKS = ("hook_resid_post", "hook_resid_pre", "attn.hook_pattern", "hook_state_post")
@@ -116,8 +118,18 @@ def build_report(
     stabilisation_tol: float = 1e-2,
     convergence_tol: float = 1e-3,
     progress: bool = True,
+    corrupt: Optional[str] = None,
+    generate: int = 0,
+    adaptive: Optional[str] = None,
+    threshold: Optional[float] = None,
 ) -> Report:
-    """Run the model on the prompts (one batch, right-padded) and assemble every section."""
+    """Run the model on the prompts (one batch, right-padded) and assemble every section.
+
+    Optional sections: `corrupt=` (a prompt of the same length as prompt 0) adds activation
+    patching of every (iteration, layer, position) residual from prompt 0 into the corrupted run,
+    with the logit difference between the two runs' answers as the metric; `generate=N` adds N
+    generated tokens after prompt 0 with the iterations each used (`adaptive=` / `threshold=`
+    pick an exit criterion, as `model.generate`)."""
     cfg = model.cfg
     T = check_n_loops(n_loops, model.cfg.default_loops)
     position = integer(position, "position")
@@ -144,6 +156,17 @@ def build_report(
         raise ValueError(f"position {position} is outside prompt 0, which has {length0} tokens "
                          f"(use {-length0} .. {length0 - 1})")
     pos = position if position >= 0 else length0 + position
+    generate = integer(generate, "generate")
+    if generate < 0:
+        raise ValueError(f"generate must be >= 0 tokens, got {generate}")
+    corrupt_tokens = None
+    if corrupt is not None:
+        if isinstance(prompts, torch.Tensor) or not isinstance(corrupt, str):
+            raise ValueError("corrupt= takes a text prompt, with text prompts")
+        corrupt_tokens, corrupt_mask = model.tokenize([corrupt])
+        if int(corrupt_mask.sum()) != length0:
+            raise ValueError(f"the corrupted prompt has {int(corrupt_mask.sum())} tokens, prompt 0 has {length0}: "
+                             "patching needs the same length")
     steps_bar = tqdm(total=7, desc="report", disable=not progress)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, n_loops=T, attention_mask=mask, seed=seed,
@@ -205,6 +228,21 @@ def build_report(
         + (" (the rest of the network: post-loop norm, coda, final norm, unembedding)." if lens_name == "coda" else
            " (final norm and unembedding).")) + figure_html(lens.plot(position=pos)) + _table_html(lens.grid(position=pos), index="")))
     report.sections.append((f"PCA trajectory of position {pos}", figure_html(traj.plot(dims=2))))
+    extra: dict[str, Any] = {}
+    if corrupt_tokens is not None:
+        patched = _patching_section(model, tokens[:1, :length0], corrupt_tokens, T, seed)
+        report.sections.append(("Activation patching: where is the answer decided?", figure_html(patched.result.plot()) +
+                                block.note(patched.note) + _table_html(patched.result.top(10), index="")))
+        extra["patching"] = {"metric": patched.note, "site": "resid_post", "normalized": patched.result.values}
+    if generate:
+        gen = model.generate(tokens[:1, :length0], max_new_tokens=generate, n_loops=T, seed=seed, adaptive=adaptive,
+                             threshold=threshold, return_type="result", verbose=False, stop_at_eos=False)
+        report.sections.append(("Compute per generated token", figure_html(gen.plot()) + block.note(
+            f"{generate} tokens generated after prompt 0; mean {gen.mean_iterations:.2f} iterations per token "
+            f"(at most {T}{f', adaptive exit {adaptive!r} at {threshold:g}' if adaptive else ''}).")
+            + _table_html(gen.to_frame(), index="")))
+        extra["generation"] = {"tokens": gen.generated[0], "iterations": gen.iterations[0], "adaptive": adaptive,
+                                        "threshold": threshold}
     steps_bar.update(2)
     steps_bar.close()
     report.numbers = {
@@ -217,6 +255,7 @@ def build_report(
         "lens_top1": lens.top_ids[:, :, 0, pos, 0],
         "lens_top1_prob": lens.top_probs[:, :, 0, pos, 0],
         "trajectory": traj.coords,
+        **extra,
     }
     return report
 
@@ -224,3 +263,27 @@ def build_report(
 def _token_text(model: Any, token_id: int) -> str:
     """A token's text (its id when the model has no tokenizer)."""
     return model.to_str_tokens([token_id])[0] if model.tokenizer is not None else str(token_id)
+
+
+class _Patched(NamedTuple):
+    result: Any
+    note: str
+
+
+def _patching_section(model: Any, clean: Tensor, corrupt: Tensor, T: int, seed: int) -> _Patched:
+    """Normalised activation patching of the residual stream, metric = logit(clean answer) -
+    logit(corrupted answer) at the last position."""
+    with torch.no_grad():
+        a = int(model(clean, n_loops=T, seed=seed)[0, -1].argmax())
+        b = int(model(corrupt, n_loops=T, seed=seed)[0, -1].argmax())
+    if a == b:
+        raise ValueError(f"the clean and corrupted prompts both answer {_token_text(model, a)!r}: no difference to patch")
+
+    def metric(logits: Tensor) -> Tensor:
+        return (logits[..., -1, a] - logits[..., -1, b]).mean()
+
+    result = activation_patch(model, clean, corrupt, metric, site="resid_post", n_loops=T, seed=seed).normalized()
+    note = (f"metric: logit({_token_text(model, a)!r}) - logit({_token_text(model, b)!r}) at the last position; 1 = the "
+            "clean run's value, 0 = the corrupted run's. Each cell puts one (iteration, layer, position) output of the "
+            "clean run into the corrupted run.")
+    return _Patched(result, note)

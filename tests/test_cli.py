@@ -213,3 +213,31 @@ def test_report_states_the_prediction_and_reads_states_through_the_coda(capsys, 
     # the coda lens of the last iteration's last layer is the model's own output
     assert numbers["lens"] == "coda" and numbers["lens_top1"][-1][-1] == expected
     assert "The model predicts &#39;e&#39;" in (tmp_path / "r.html").read_text()
+
+
+def test_report_with_patching_and_compute_per_generated_token(capsys, tmp_path):
+    clean, corrupt = "b f e j i c f a j i h d a e c g d b g h | f 2 =", "b f e j i c f a j i h d a e c g d b g h | f 1 ="
+    code, _, err = run(capsys, "report", "zoo:khop-huginn", "--prompts", clean, "--corrupt", corrupt, "--generate", "3",
+                       "--adaptive", "kl", "--threshold", "0.01", "--n-loops", "4", "--out", str(tmp_path / "r.html"),
+                       "--json", str(tmp_path / "r.json"), "--quiet")
+    assert code == 0, err
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    model = ll.load("zoo:khop-huginn")
+    gen = model.generate(clean, max_new_tokens=3, n_loops=4, seed=0, adaptive="kl", threshold=0.01, return_type="result",
+                         verbose=False, stop_at_eos=False)
+    assert numbers["generation"]["tokens"] == gen.generated[0].tolist()
+    assert numbers["generation"]["iterations"] == gen.iterations[0].tolist()
+    assert all(1 <= i <= 4 for i in numbers["generation"]["iterations"])
+    a, b = int(model(clean, n_loops=4, seed=0)[0, -1].argmax()), int(model(corrupt, n_loops=4, seed=0)[0, -1].argmax())
+
+    def metric(logits):
+        return (logits[..., -1, a] - logits[..., -1, b]).mean()
+
+    expected = ll.patching.activation_patch(model, model.to_tokens(clean), model.to_tokens(corrupt), metric, n_loops=4, seed=0)
+    torch.testing.assert_close(torch.tensor(numbers["patching"]["normalized"]), expected.normalized().values.float(),
+                               rtol=1e-4, atol=1e-4)
+    page = (tmp_path / "r.html").read_text()
+    assert "Activation patching" in page and "Compute per generated token" in page
+    code, _, err = run(capsys, "report", "zoo:khop-huginn", "--prompts", clean, "--corrupt", "b f e", "--out",
+                       str(tmp_path / "x.html"), "--quiet")
+    assert code == 1 and "same length" in err
