@@ -175,6 +175,13 @@ class LoopConfig:
     exit distribution) or an iteration index (Ouro's `early_exit_step`; used when the run has that
     many iterations, "threshold" otherwise)."""
     tie_embeddings: bool = False
+    # attention gate, weightless norms, nested recurrence (HRM-Text)
+    attn_gate: bool = False
+    """A per-head sigmoid gate on the attention output: `o_proj(z * sigmoid(gate_proj(x)))` (HRM-Text)."""
+    norm_weight: bool = True
+    """Whether the block norms carry a learned weight (False: parameterless RMSNorm, HRM-Text)."""
+    l_cycles: int = 0
+    """Low-level cycles per iteration (HRM-Text's L_cycles); 0 for every single-timescale family."""
     # bookkeeping
     family: str = "native"
     model_name: str = "loop-lens-model"
@@ -215,6 +222,14 @@ class LoopConfig:
                 raise _error(("rope_scaling",), problem)
         if self.iter_norm and self.norm_after_loop:
             raise _error(("iter_norm", "norm_after_loop"), "iter_norm and norm_after_loop both set: pick one")
+        if self.l_cycles > 0 and (self.n_prelude or self.n_coda or self.injection != "additive"):
+            raise _error(
+                ("l_cycles", "n_prelude", "n_coda", "injection"),
+                f"l_cycles={self.l_cycles} (nested recurrence) needs n_prelude=0, n_coda=0 and injection='additive', "
+                f"got {self.n_prelude}, {self.n_coda} and {self.injection!r}",
+            )
+        if not self.norm_weight and self.normalization_type != "RMS":
+            raise _error(("norm_weight", "normalization_type"), "norm_weight=False (parameterless norm) needs RMS norms")
         if self.default_exit != "last" and not self.exit_gate:
             raise _error(
                 ("default_exit", "exit_gate"),
@@ -230,7 +245,7 @@ class LoopConfig:
     def depth(self, n_loops: Optional[int] = None) -> int:
         """Unrolled depth: prelude, then `n_loops` copies of the block, then the coda."""
         t = self.default_loops if n_loops is None else n_loops
-        return self.n_prelude + t * self.n_block + self.n_coda
+        return self.n_prelude + t * self.n_block * (self.l_cycles + 1) + self.n_coda
 
     @property
     def layout(self) -> str:
@@ -323,6 +338,9 @@ FIELD_RULES: dict[str, Rule] = {
     "early_exit_threshold": FRACTION,
     "default_exit": EXIT,
     "tie_embeddings": FLAG,
+    "attn_gate": FLAG,
+    "norm_weight": FLAG,
+    "l_cycles": COUNT,
     "family": NAME,
     "model_name": TEXT,
     "extra": JSON_OBJECT,

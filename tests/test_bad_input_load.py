@@ -458,12 +458,12 @@ BASE = dict(d_model=32, n_heads=4, d_vocab=40, n_block=2, exit_gate=True)
 
 # What each field must be, written here independently of loop_lens.config's own rule table.
 POSITIVE_INTS = {"d_model", "n_heads", "d_vocab", "n_block", "default_loops", "d_head", "n_key_value_heads", "d_mlp", "n_ctx"}
-COUNTS = {"n_prelude", "n_coda"}
+COUNTS = {"n_prelude", "n_coda", "l_cycles"}
 POSITIVE_NUMBERS = {"norm_eps", "rope_theta"}
 NUMBERS = {"embed_scale", "init_scale"}
 NON_NEGATIVE_NUMBERS = {"init_std"}
 FRACTIONS = {"early_exit_threshold"}
-FLAGS = {"attn_bias", "mlp_bias", "qk_bias", "iter_norm", "norm_after_loop", "final_norm", "exit_gate", "tie_embeddings"}
+FLAGS = {"attn_bias", "mlp_bias", "qk_bias", "iter_norm", "norm_after_loop", "final_norm", "exit_gate", "tie_embeddings", "attn_gate", "norm_weight"}
 CHOICES = {
     "normalization_type": {"RMS", "LN"}, "norm_placement": {"pre", "sandwich", "sandwich_resid", "post"},
     "mlp_type": {"swiglu", "gelu", "gelu_new", "relu", "relu2"}, "positional_embedding_type": {"rotary", "learned", "none"},

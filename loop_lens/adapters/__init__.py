@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from loop_lens.adapters import families
+from loop_lens.adapters import families, hrm_text
 from loop_lens.adapters.io import TensorSource, assemble, read_config, read_safetensors, read_tensors
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
@@ -16,7 +16,7 @@ from loop_lens.saving import CONFIG_NAME, native_files
 from loop_lens.tokenization import load_tokenizer, read_tokenizer
 from loop_lens.zoo import zoo_path
 
-KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "zoo")
+KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "hrm_text", "zoo")
 
 __all__ = ["load", "loop", "from_hf", "from_bridge", "detect_family", "LoadError", "UnexpectedTensorsWarning", "KNOWN_FAMILIES"]
 
@@ -24,6 +24,8 @@ __all__ = ["load", "loop", "from_hf", "from_bridge", "detect_family", "LoadError
 def detect_family(config: dict[str, Any], tensors: dict[str, Any]) -> str:
     """The family of a checkpoint, from its config.json and tensor names."""
     kind = config.get("model_type")
+    if kind == "hrm_text":
+        return "hrm_text"
     if kind == "ouro" or "model.layers.0.input_layernorm_2.weight" in tensors:
         return "ouro"
     if kind == "huginn_raven" or any(k.startswith("transformer.core_block.") for k in tensors):
@@ -89,6 +91,8 @@ def load(
         tensors, origin = read_tensors(directory)
         family = family or detect_family(config, tensors)
         src = TensorSource(tensors, origin, ignore=["freqs_cis"])
+        if family == "hrm_text":
+            return hrm_text.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
         cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
         tokenizer = load_tokenizer(directory)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
@@ -178,6 +182,8 @@ def from_hf(hf_model: Any, family: Optional[str] = None, device: Any = None, dty
         L = config.get("num_hidden_layers") or config.get("n_layer")
         return loop(hf_model, block=(0, L), n_loops=1, device=device, dtype=dtype)
     family = family or detect_family(config, tensors)
+    if family == "hrm_text":
+        return hrm_text.build(config, TensorSource(tensors, origin), dtype=dtype, device=device, tokenizer=tokenizer)
     if family not in families.LOOPED_FAMILIES:
         raise LoadError(f"unknown family {family!r}; known families: {list(families.LOOPED_FAMILIES)}")
     src = TensorSource(tensors, origin, ignore=["freqs_cis"])

@@ -25,10 +25,10 @@ Rope = Optional[tuple[Tensor, Tensor]]
 class Norm(nn.Module):
     """RMSNorm (`w * x / sqrt(mean(x^2) + eps)`, in fp32, no +1 offset) or LayerNorm."""
 
-    def __init__(self, d: int, kind: str = "RMS", eps: float = 1e-6):
+    def __init__(self, d: int, kind: str = "RMS", eps: float = 1e-6, weight: bool = True):
         super().__init__()
         self.kind, self.eps = kind, eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.weight = nn.Parameter(torch.ones(d)) if weight else None  # None: parameterless (HRM-Text)
         self.bias = nn.Parameter(torch.zeros(d)) if kind == "LN" else None
 
     def forward(self, x: Float[Tensor, "... d"], hooks=NO_HOOKS) -> Float[Tensor, "... d"]:
@@ -38,7 +38,9 @@ class Norm(nn.Module):
         inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if has_hooks(hooks.hook_scale):
             inv = 1.0 / hooks.hook_scale(1.0 / inv)
-        out = hooks.hook_normalized((xf * inv).to(x.dtype)) * self.weight
+        out = hooks.hook_normalized((xf * inv).to(x.dtype))
+        if self.weight is not None:
+            out = out * self.weight
         return out + self.bias if self.bias is not None else out
 
 
@@ -114,6 +116,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, K * hd, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(D, K * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_bias)
+        # HRM-Text: a sigmoid gate per head and channel on the attention output, from the layer's input
+        self.gate_proj = nn.Linear(D, H * hd, bias=cfg.attn_bias) if cfg.attn_gate else None
         self.q_bias = nn.Parameter(torch.zeros(H, hd)) if cfg.qk_bias else None
         self.k_bias = nn.Parameter(torch.zeros(K, hd)) if cfg.qk_bias else None
         self.qk_norm = cfg.qk_norm
@@ -189,6 +193,8 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv != self.n_heads,
             )
         z = hooks.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        if self.gate_proj is not None:  # hook_gate: sigmoid(gate_proj(x)), [batch, pos, head, d_head]
+            z = z * hooks.hook_gate(torch.sigmoid(self.gate_proj(x)).view(B, S, self.n_heads, self.d_head))
         return self.o_proj(z.reshape(B, S, -1))
 
 
@@ -197,8 +203,12 @@ def causal_bias(S: int, device: torch.device, dtype: torch.dtype, mask: Optional
 
     `mask` is [batch, past + pos] with 1 for real tokens; `past` cached keys come before the `S`
     queries' own. A query row that would be fully masked (a pad query with left padding) keeps
-    attention to itself so softmax stays finite.
+    attention to itself so softmax stays finite. A 3-d boolean `mask` [batch, pos, past + pos] is
+    taken as the full pattern of allowed (query, key) pairs instead (a PrefixLM mask, HRM-Text).
     """
+    if mask is not None and mask.ndim == 3:
+        neg = torch.finfo(dtype).min
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask.bool(), neg)[:, None]
     allowed = torch.ones(S, past + S, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
     if mask is not None:
         allowed = allowed & mask.bool()[:, None, None, :]
@@ -243,7 +253,7 @@ class Block(nn.Module):
     def __init__(self, cfg: LoopConfig):
         super().__init__()
         self.placement = cfg.norm_placement
-        mk = lambda: Norm(cfg.d_model, cfg.normalization_type, cfg.norm_eps)  # noqa: E731
+        mk = lambda: Norm(cfg.d_model, cfg.normalization_type, cfg.norm_eps, weight=cfg.norm_weight)  # noqa: E731
         self.ln1 = mk() if self.placement != "post" else None
         self.ln2 = mk() if self.placement != "post" else None
         self.ln1_post = mk() if self.placement != "pre" else None

@@ -20,6 +20,7 @@ HOOK_ATTRIBUTES = frozenset({
     "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_z",
     "hook_pre", "hook_pre_linear", "hook_post",
     "hook_state_pre", "hook_injected", "blocks", "ln_state", "hook_state_post", "hook_exit_logit",
+    "hook_gate", "low",
 })
 
 
@@ -69,6 +70,8 @@ class AttnHooks(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, query, key]
         self.hook_pattern = HookPoint()  # [batch, head, query, key]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        if cfg.attn_gate:
+            self.hook_gate = HookPoint()  # [batch, pos, head, d_head], sigmoid gate multiplying z
 
 
 class MLPHooks(nn.Module):
@@ -131,3 +134,29 @@ class IterationHooks(nn.Module):
         self.hook_state_post = HookPoint()
         if cfg.exit_gate:
             self.hook_exit_logit = HookPoint()  # [batch, pos]
+
+
+class LowCycleHooks(nn.Module):
+    """One low-level cycle inside an iteration of a nested (HRM) loop: `iter.{h}.low.{l}.*`."""
+
+    def __init__(self, cfg: LoopConfig) -> None:
+        super().__init__()
+        self.hook_state_pre = HookPoint()  # the L stack's input z_L + z_H
+        self.blocks = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block))
+        self.ln_state = NormHooks()  # the L stack's closing (parameterless) norm
+        self.hook_state_post = HookPoint()  # the new z_L
+
+
+class NestedIterationHooks(IterationHooks):
+    """One high-level cycle of a nested (HRM) loop, in firing order: `iter.{h}.hook_state_pre`
+    (z_H entering), `iter.{h}.low.{l}.*` (each L cycle), `hook_injected` (z_H + z_L), the H
+    stack's `blocks.{k}.*`, its closing norm `ln_state.*`, `hook_state_post` (the new z_H)."""
+
+    def __init__(self, cfg: LoopConfig) -> None:
+        nn.Module.__init__(self)
+        self.hook_state_pre = HookPoint()
+        self.low = nn.ModuleList(LowCycleHooks(cfg) for _ in range(cfg.l_cycles))
+        self.hook_injected = HookPoint()
+        self.blocks = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block))
+        self.ln_state = NormHooks()
+        self.hook_state_post = HookPoint()

@@ -1,0 +1,346 @@
+"""HRM-Text (nested two-timescale recurrence) against transformers' own `HrmTextForCausalLM`.
+
+Every expected value comes from transformers' model (random tiny configurations written with
+`save_pretrained`, and forward hooks on its `L_module` / `H_module` recording each call), never
+from loop_lens.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import require
+from safetensors.torch import load_file, save_file
+
+import loop_lens as ll
+from loop_lens.config import LoopConfig
+from loop_lens.errors import ConfigError, HookNameError, LoadError, SaveError
+from loop_lens.model.hrm import HookedHrmTransformer
+from loop_lens.model.names import hook_name, parse_hook_name, parse_nested_hook_name
+
+transformers = require("transformers")
+from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
+
+VOCAB = 61
+
+
+def _hf(seed: int = 0, **fields) -> HrmTextForCausalLM:
+    """A random tiny HRM-Text with non-trivial weights everywhere (z_L_init included). Weights
+    are kept moderate: much larger ones make the recurrence chaotic, so that transformers' own
+    fp32 and fp64 runs already differ by more than 1e-4."""
+    torch.manual_seed(seed)
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                head_dim=8, H_cycles=2, L_cycles=3, max_position_embeddings=64, initializer_range=0.1)
+    base.update(fields)
+    model = HrmTextForCausalLM(HrmTextConfig(**base)).eval()
+    with torch.no_grad():
+        model.model.z_L_init.normal_()
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _saved(hf: HrmTextForCausalLM, tmp_path) -> ll.HookedLoopedTransformer:
+    hf.save_pretrained(tmp_path)
+    return ll.load(tmp_path)
+
+
+def _tokens(seed: int = 1, batch: int = 2, pos: int = 9) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+CONFIGS = [
+    dict(H_cycles=2, L_cycles=3, num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False),
+    dict(H_cycles=1, L_cycles=1, num_hidden_layers=1, num_attention_heads=2, head_dim=16, tie_word_embeddings=True),
+    dict(H_cycles=3, L_cycles=2, num_hidden_layers=3, num_attention_heads=8, head_dim=4, tie_word_embeddings=False),
+    dict(H_cycles=2, L_cycles=4, num_hidden_layers=1, num_attention_heads=4, head_dim=6, tie_word_embeddings=True,
+         attention_bias=True, mlp_bias=True, embedding_scale=3.0, rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+]
+
+
+@pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"H{f['H_cycles']}L{f['L_cycles']}x{f['num_hidden_layers']}")
+def test_logits_equal_transformers(fields, tmp_path):
+    hf = _hf(**fields)
+    model = _saved(hf, tmp_path)
+    assert isinstance(model, HookedHrmTransformer) and model.cfg.family == "hrm_text"
+    assert (model.cfg.default_loops, model.cfg.l_cycles, model.cfg.n_block) == (
+        fields["H_cycles"], fields["L_cycles"], fields["num_hidden_layers"])
+    tokens = _tokens()
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = model(tokens)
+        got_hf = ll.from_hf(hf)(tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_hf, want, atol=1e-4, rtol=0)
+
+
+def test_every_cycle_matters(tmp_path):
+    """The comparison above is not vacuous: fewer H cycles, or z_L_init ignored, change the logits."""
+    hf = _hf()
+    model = _saved(hf, tmp_path)
+    tokens = _tokens()
+    with torch.no_grad():
+        full = model(tokens)
+        assert (model(tokens, n_loops=1) - full).abs().max() > 1e-2
+        model.z_l_init.zero_()
+        assert (model(tokens) - full).abs().max() > 1e-2
+
+
+def _with_h(hf: HrmTextForCausalLM, h_cycles: int) -> HrmTextForCausalLM:
+    """transformers' model with the same weights and another H_cycles."""
+    cfg = {**hf.config.to_dict(), "H_cycles": h_cycles, "num_hidden_layers": hf.config.num_layers_per_stack,
+           "num_layers_per_stack": None}
+    other = HrmTextForCausalLM(HrmTextConfig(**cfg)).eval()
+    other.load_state_dict(hf.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("h_cycles", [1, 3, 5])
+def test_runtime_n_loops_sets_h_cycles(h_cycles, tmp_path):
+    hf = _hf()
+    model = _saved(hf, tmp_path)
+    tokens = _tokens(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, n_loops=h_cycles), _with_h(hf, h_cycles)(tokens).logits, atol=1e-4, rtol=0)
+        # exit=h reads z_H after H cycle h: transformers' model with h + 1 H cycles
+        for h in range(h_cycles - 1):
+            torch.testing.assert_close(model(tokens, n_loops=h_cycles, exit=h), _with_h(hf, h + 1)(tokens).logits, atol=1e-4, rtol=0)
+
+
+def _record(hf: HrmTextForCausalLM) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """Forward hooks on transformers' stacks and layers recording every call, in order."""
+    calls: dict[str, list[torch.Tensor]] = {"L_in": [], "L_out": [], "H_in": [], "H_out": []}
+    handles = []
+    for stack, key in ((hf.model.L_module, "L"), (hf.model.H_module, "H")):
+        handles.append(stack.register_forward_pre_hook(lambda m, args, kw, key=key: calls[f"{key}_in"].append(
+            (args[0] if args else kw["hidden_states"]).detach().clone()), with_kwargs=True))
+        handles.append(stack.register_forward_hook(lambda m, i, o, key=key: calls[f"{key}_out"].append(o.detach().clone())))
+        for k, layer in enumerate(stack.layers):
+            calls[f"{key}{k}_out"], calls[f"{key}{k}_gate"] = [], []
+            handles.append(layer.register_forward_hook(
+                lambda m, i, o, name=f"{key}{k}_out": calls[name].append(o.detach().clone())))
+            handles.append(layer.self_attn.gate_proj.register_forward_hook(
+                lambda m, i, o, name=f"{key}{k}_gate": calls[name].append(torch.sigmoid(o).detach().clone())))
+    return calls, handles
+
+
+def test_every_traversal_cached_equals_transformers_calls(tmp_path):
+    hf = _hf(H_cycles=3, L_cycles=2, num_hidden_layers=2)
+    model = _saved(hf, tmp_path)
+    H, L, K = 3, 2, 2
+    tokens = _tokens(seed=5)
+    calls, handles = _record(hf)
+    with torch.no_grad():
+        want = hf(tokens).logits
+    for h in handles:
+        h.remove()
+    assert len(calls["L_out"]) == H * L and len(calls["H_out"]) == H  # every traversal recorded
+    logits, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+    close = dict(atol=1e-4, rtol=1e-4)
+    for h in range(H):
+        for lc in range(L):
+            i = h * L + lc
+            torch.testing.assert_close(cache[f"iter.{h}.low.{lc}.hook_state_pre"], calls["L_in"][i], **close)
+            torch.testing.assert_close(cache[f"iter.{h}.low.{lc}.hook_state_post"], calls["L_out"][i], **close)
+            for k in range(K):
+                torch.testing.assert_close(cache[f"iter.{h}.low.{lc}.blocks.{k}.hook_resid_post"], calls[f"L{k}_out"][i], **close)
+                gate = cache[f"iter.{h}.low.{lc}.blocks.{k}.attn.hook_gate"]
+                torch.testing.assert_close(gate.flatten(-2), calls[f"L{k}_gate"][i], **close)
+        torch.testing.assert_close(cache[f"iter.{h}.hook_injected"], calls["H_in"][h], **close)
+        torch.testing.assert_close(cache[f"iter.{h}.hook_state_post"], calls["H_out"][h], **close)
+        for k in range(K):
+            torch.testing.assert_close(cache[f"iter.{h}.blocks.{k}.hook_resid_post"], calls[f"H{k}_out"][h], **close)
+            torch.testing.assert_close(cache[f"iter.{h}.blocks.{k}.attn.hook_gate"].flatten(-2), calls[f"H{k}_gate"][h], **close)
+    # z_H entering cycle 0 is the scaled embedding; entering cycle h > 0 it is H's output at h - 1
+    torch.testing.assert_close(cache["iter.0.hook_state_pre"], hf.model.embed_tokens(tokens) * hf.config.embedding_scale, **close)
+    torch.testing.assert_close(cache["iter.2.hook_state_pre"], calls["H_out"][1], **close)
+
+
+def test_hook_intervention_matches_transformers(tmp_path):
+    """Scaling the new z_L of one L cycle through our hook = scaling that call's output in transformers."""
+    hf = _hf()
+    model = _saved(hf, tmp_path)
+    tokens = _tokens(seed=7)
+    target, seen = 1 * 3 + 1, []  # H cycle 1, L cycle 1
+
+    def scale_call(module, inputs, output):
+        seen.append(None)
+        return output * 0.5 if len(seen) - 1 == target else None
+
+    handle = hf.model.L_module.register_forward_hook(scale_call)
+    with torch.no_grad():
+        want = hf(tokens).logits
+    handle.remove()
+    got = model.run_with_hooks(tokens, fwd_hooks=[("iter.1.low.1.hook_state_post", lambda act, hook: act * 0.5)])
+    plain = model(tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (plain - want).abs().max() > 1e-3  # the intervention changed something
+
+
+def test_hook_names_and_filters(tmp_path):
+    hf = _hf(H_cycles=2, L_cycles=3, num_hidden_layers=2)
+    model = _saved(hf, tmp_path)
+    names = model.hook_names(2)
+    for want in ["iter.0.low.2.hook_state_pre", "iter.1.low.0.blocks.1.attn.hook_pattern", "iter.1.low.2.hook_state_post",
+                 "iter.1.hook_injected", "iter.1.blocks.0.attn.hook_gate", "iter.1.hook_state_post", "iter.0.hook_state_pre"]:
+        assert want in names
+    assert "iter.0.low.3.hook_state_pre" not in names and "iter.2.hook_state_post" not in names
+    # firing order: L cycles before the H stack in every H cycle
+    assert names.index("iter.0.low.2.hook_state_post") < names.index("iter.0.hook_injected") < names.index("iter.1.low.0.hook_state_pre")
+    # a filter reaches every traversal
+    _, cache = model.run_with_cache(_tokens(), names_filter=lambda n: n.endswith("low.0.blocks.1.hook_resid_post") or n.endswith(".blocks.1.hook_resid_post"))
+    assert sorted(cache.keys()) == sorted(
+        [f"iter.{h}.low.{lc}.blocks.1.hook_resid_post" for h in range(2) for lc in range(3)]
+        + [f"iter.{h}.blocks.1.hook_resid_post" for h in range(2)])
+    # a hook where this run does not reach is refused
+    with pytest.raises(HookNameError, match="iter.2"):
+        model.run_with_cache(_tokens(), names_filter=["iter.2.low.0.hook_state_post"])
+    with pytest.raises(HookNameError):
+        model.run_with_cache(_tokens(), names_filter=["iter.0.low.3.hook_state_post"])  # L_cycles = 3
+    # hook points exist only while something is hooked
+    model.reset_hooks()
+    assert len(model.iter) == 0
+
+
+def test_hook_name_helpers():
+    assert hook_name("resid_post", layer=1, iteration=2, low_cycle=0) == "iter.2.low.0.blocks.1.hook_resid_post"
+    assert hook_name("state_pre", iteration=0, low_cycle=3) == "iter.0.low.3.hook_state_pre"
+    assert hook_name("gate", layer=0, iteration=1) == "iter.1.blocks.0.attn.hook_gate"
+    assert hook_name("injected", iteration=1) == "iter.1.hook_injected"
+    assert parse_nested_hook_name("iter.2.low.0.blocks.1.attn.hook_gate") == (2, 0, 1, "attn.hook_gate")
+    assert parse_nested_hook_name("iter.2.low.4.hook_state_post") == (2, 4, None, "hook_state_post")
+    assert parse_nested_hook_name("iter.1.blocks.0.hook_resid_pre") == (1, None, 0, "hook_resid_pre")
+    assert parse_nested_hook_name("iter.1.hook_injected") == (1, None, None, "hook_injected")
+    assert parse_hook_name("iter.1.low.0.hook_state_pre").iteration == 1  # still an iteration-1 name
+    for bad in ("prelude.0.hook_resid_post", "iter.x.hook_state_pre", "iter.1.low.0.blocks.1"):
+        with pytest.raises(ValueError):
+            parse_nested_hook_name(bad)
+    with pytest.raises(ValueError, match="layer="):
+        hook_name("resid_post", iteration=0, low_cycle=0)
+    with pytest.raises(ValueError, match="iteration="):
+        hook_name("state_pre", low_cycle=0)
+    with pytest.raises(ValueError, match="low_cycle"):
+        hook_name("state_pre", iteration=0, low_cycle=-1)
+
+
+def test_stop_at_layer_counts_every_traversal(tmp_path):
+    hf = _hf(H_cycles=2, L_cycles=3, num_hidden_layers=2)
+    model = _saved(hf, tmp_path)
+    assert model.cfg.depth(2) == 2 * (3 + 1) * 2
+    tokens = _tokens()
+    wanted = ["iter.0.low.1.blocks.1.hook_resid_pre", "iter.1.low.0.blocks.0.hook_resid_pre", "iter.1.blocks.0.hook_resid_pre"]
+    _, cache = model.run_with_cache(tokens, names_filter=wanted)
+    # the unrolled depth lists every traversal in the order it runs: L cycles, then the H stack
+    for depth, name in zip((3, 8, 14), wanted):
+        torch.testing.assert_close(model(tokens, stop_at_layer=depth), cache[name])
+
+
+def test_bad_checkpoints_raise_load_error(tmp_path):
+    hf = _hf()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    tensors = load_file(tmp_path / "model.safetensors")
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(LoadError, match="hidden_act"):
+        ll.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "L_cycles": 0}))
+    with pytest.raises(LoadError, match="L_cycles"):
+        ll.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    name = "model.L_module.layers.0.attn.gqkv_proj.weight"
+    save_file({**tensors, name: tensors[name][:-1].contiguous()}, tmp_path / "model.safetensors")
+    with pytest.raises(LoadError, match="gqkv_proj"):
+        ll.load(tmp_path)
+    save_file({k: v for k, v in tensors.items() if k != "model.z_L_init"}, tmp_path / "model.safetensors")
+    with pytest.raises(LoadError, match="z_L_init"):
+        ll.load(tmp_path)
+    save_file({**tensors, "model.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ll.load(tmp_path)
+    assert any("model.extra.weight" in str(w.message) for w in caught)
+
+
+def test_config_and_save_guards(tmp_path):
+    with pytest.raises(ConfigError, match="l_cycles"):
+        LoopConfig(d_model=16, n_heads=2, d_vocab=10, n_block=1, n_prelude=1, l_cycles=2, injection="additive")
+    with pytest.raises(ConfigError, match="norm_weight"):
+        LoopConfig(d_model=16, n_heads=2, d_vocab=10, n_block=1, norm_weight=False, normalization_type="LN")
+    with pytest.raises(ConfigError, match="l_cycles"):
+        HookedHrmTransformer(LoopConfig(d_model=16, n_heads=2, d_vocab=10, n_block=1, final_norm=False))
+    model = _saved(_hf(), tmp_path / "ckpt")
+    with pytest.raises(SaveError, match="HRM"):
+        model.save(tmp_path / "out")
+
+
+def _prefix_types(batch: int = 2, pos: int = 9) -> torch.Tensor:
+    """Prompt 0: a 4-token prefix; prompt 1: a 6-token prefix (1 = bidirectional prefix block)."""
+    tt = torch.zeros(batch, pos, dtype=torch.long)
+    tt[0, :4], tt[1, :6] = 1, 1
+    return tt
+
+
+@pytest.mark.parametrize("fields", CONFIGS[:3], ids=lambda f: f"H{f['H_cycles']}L{f['L_cycles']}x{f['num_hidden_layers']}")
+def test_prefix_lm_token_type_ids_equal_transformers(fields, tmp_path):
+    hf = _hf(**fields, prefix_lm=True)
+    model = _saved(hf, tmp_path)
+    tokens, tt = _tokens(), _prefix_types()
+    with torch.no_grad():
+        want = hf(tokens, token_type_ids=tt).logits
+        got = model(tokens, token_type_ids=tt)
+        causal = model(tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (got - causal)[:, :5].abs().max() > 1e-3  # the prefix block changed the prefix positions
+    # hooks and caches see the same run
+    logits, cache = model.run_with_cache(tokens, token_type_ids=tt, names_filter="iter.0.low.0.blocks.0.attn.hook_pattern")
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+    pattern = cache["iter.0.low.0.blocks.0.attn.hook_pattern"]
+    assert pattern[0, :, 0, 3].min() > 0 and pattern[0, :, 0, 4].max() == 0  # prefix sees prefix ahead, not beyond
+    assert pattern[0, :, 5, 6:].max() == 0  # after the prefix: causal
+
+
+def test_prefix_lm_with_padding_equals_transformers(tmp_path):
+    hf = _hf(prefix_lm=True)
+    model = _saved(hf, tmp_path)
+    tokens, tt = _tokens(), _prefix_types()
+    mask = torch.ones_like(tokens)
+    mask[1, -2:] = 0  # right padding
+    with torch.no_grad():
+        want = hf(tokens, token_type_ids=tt, attention_mask=mask).logits
+        got = model(tokens, token_type_ids=tt, attention_mask=mask)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=0)  # real positions
+
+
+def test_token_type_ids_checked_or_ignored(tmp_path):
+    model = _saved(_hf(prefix_lm=True), tmp_path / "a")
+    tokens = _tokens()
+    with pytest.raises(ValueError, match="token_type_ids must be an integer tensor"):
+        model(tokens, token_type_ids=torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="only 0"):
+        model(tokens, token_type_ids=torch.full((2, 9), 2))
+    hf = _hf(prefix_lm=False)
+    plain = _saved(hf, tmp_path / "b")
+    with pytest.warns(UserWarning, match="prefix_lm=False"):
+        got = plain(tokens, token_type_ids=_prefix_types())
+    with torch.no_grad():
+        torch.testing.assert_close(got, hf(tokens, token_type_ids=_prefix_types()).logits, atol=1e-4, rtol=0)
+
+
+def test_nested_cache_stack_and_refusals(tmp_path):
+    model = _saved(_hf(H_cycles=2, L_cycles=3, num_hidden_layers=2), tmp_path)
+    _, cache = model.run_with_cache(_tokens())
+    stacked = cache.stack("hook_resid_post")  # the H stack: [n_loops, n_block, batch, pos, d]
+    assert stacked.shape == (2, 2, 2, 9, 32)
+    torch.testing.assert_close(stacked[1, 0], cache["iter.1.blocks.0.hook_resid_post"], atol=0, rtol=0)
+    for call in (cache.unrolled, cache.accumulated_resid, cache.decompose_resid, lambda: cache.depth_index(0, 0)):
+        with pytest.raises(ValueError, match="nested"):
+            call()
+    assert type(cache.apply_slice_to_batch_dim(0)).__name__ == "NestedLoopCache"
+    with pytest.raises(ValueError, match="nested"):
+        model.generate(_tokens(), max_new_tokens=2)
