@@ -85,3 +85,13 @@ def require(module: str) -> ModuleType:
         if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
             raise  # installed but broken (one of its own imports is missing): not a missing dependency
         unavailable(f"the test dependency {module!r}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module's tests: tiny models run many small ops, which one
+    thread does faster and more steadily on a shared machine (and as each torchrun rank does)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,17 +6,15 @@ are in `docs/families/hrm_text.md`.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from loop_lens.adapters.families import _rope_scaling, _rope_theta, _vocab
-from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, _convert
+from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, assemble
 from loop_lens.config import POSITIVE_INT, POSITIVE_NUMBER, LoopConfig
-from loop_lens.errors import LoadError, UnexpectedTensorsWarning
-from loop_lens.model.components import Rotary
+from loop_lens.errors import LoadError
 from loop_lens.model.hrm import HookedHrmTransformer
 
 Mapping = dict[str, tuple[str, Tensor]]
@@ -131,39 +129,4 @@ def build(
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
     cfg = hrm_text_config(config, src)
     mapped = hrm_text_mapping(cfg, src)
-    try:
-        with torch.device("meta"):
-            model = HookedHrmTransformer(cfg, tokenizer=tokenizer)
-    except (TypeError, RuntimeError, OverflowError) as err:
-        raise LoadError(f"cannot build an HRM-Text model of this config (d_model={cfg.d_model}, d_vocab={cfg.d_vocab}): "
-                        f"{str(err).splitlines()[0]}") from err
-    expected = model.state_dict()
-    if cfg.tie_embeddings:
-        expected.pop("unembed.weight", None)
-    missing = sorted(set(expected) - set(mapped))
-    if missing:
-        raise LoadError(f"{src.origin} provides no tensor for parameter(s) {missing[:5]} of this hrm_text config")
-    for name, want in expected.items():
-        src_name, tensor = mapped[name]
-        if tensor.dtype not in WEIGHT_DTYPES:
-            raise LoadError(f"tensor {src_name!r} in {src.origin} has dtype {tensor.dtype}; weights must be one of "
-                            f"{[str(d) for d in WEIGHT_DTYPES]} (a quantized or corrupt file?)")
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise LoadError(f"tensor {src_name!r} in {src.origin} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(want.shape)} for this config")
-    dtype = dtype or mapped["embed.weight"][1].dtype
-    extra = src.unused()
-    state = _convert(expected, mapped, src, dtype, device)
-    model.load_state_dict(state, strict=False, assign=True)
-    del state
-    if cfg.tie_embeddings:
-        model.unembed.weight = model.embed.weight
-    model.rotary = Rotary(cfg)
-    model.z_l_init.requires_grad_(False)
-    model.setup()
-    if extra:
-        warnings.warn(f"{len(extra)} tensor(s) in {src.origin} were not used by the hrm_text adapter: "
-                      f"{extra[:8]}{' ...' if len(extra) > 8 else ''}", UnexpectedTensorsWarning, stacklevel=3)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer, model_cls=HookedHrmTransformer)

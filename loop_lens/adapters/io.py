@@ -236,8 +236,10 @@ def assemble(
     dtype: Optional[torch.dtype] = None,
     device: Optional[str | torch.device] = None,
     tokenizer: Any = None,
+    model_cls: Optional[type] = None,
 ) -> HookedLoopedTransformer:
-    """Build a HookedLoopedTransformer from `{our_name: (source_name, tensor)}`.
+    """Build a HookedLoopedTransformer (or `model_cls`, a subclass such as HRM-Text's) from
+    `{our_name: (source_name, tensor)}`.
 
     Every parameter must be mapped with a floating-point tensor of the right shape; tensors the
     model does not use (left untaken, or mapped to no parameter) are reported in one warning.
@@ -251,7 +253,7 @@ def assemble(
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
     try:
         with torch.device("meta"):
-            model = HookedLoopedTransformer(cfg, tokenizer=tokenizer)
+            model = (model_cls or HookedLoopedTransformer)(cfg, tokenizer=tokenizer)
     except (TypeError, RuntimeError, OverflowError) as err:  # sizes too large for a tensor shape
         raise LoadError(
             f"cannot build a model of this config (d_model={cfg.d_model}, d_mlp={cfg.d_mlp}, d_vocab={cfg.d_vocab}, "
