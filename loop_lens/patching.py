@@ -25,7 +25,7 @@ from __future__ import annotations
 import html
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import pandas as pd
 import torch
@@ -355,6 +355,33 @@ def _shift(name: str, t0: int) -> str:
     return f"iter.{int(t) - t0}.{rest}"
 
 
+class _Plan(NamedTuple):
+    """A patching sweep's checked arguments and sites, shared by both methods."""
+
+    site: str
+    n_loops: int
+    clean: Tensor
+    corrupt: Tensor
+    positions: list[int]
+    seed: Optional[int]
+    run: dict
+    sites: list[_Site]
+    shapes: dict[str, tuple[int, ...]]
+    names: list[str]
+
+
+def _plan(model: Any, clean: Any, corrupt: Any, site: Any, n_loops: Any, seed: Any, positions: Any, exit: Any) -> _Plan:
+    """Check a patching sweep's arguments and list its sites and hook names."""
+    site = _site(model, site)
+    T = check_n_loops(n_loops, model.cfg.default_loops)
+    clean_tokens, corrupt_tokens = _pair(model, clean, corrupt)
+    pos = _positions(positions, site, corrupt_tokens.shape[1])
+    seed = _seed(model, seed)
+    sites, shapes = _sites(model, site, T, pos)
+    return _Plan(site, T, clean_tokens, corrupt_tokens, pos, seed, dict(n_loops=T, seed=seed, exit=exit), sites, shapes,
+                 _names_for(model, site, T))
+
+
 def activation_patch(
     model: Any,
     clean: Any,
@@ -383,16 +410,10 @@ def activation_patch(
         batch_size: rows per forward (at least one patched run per forward).
         exit: the model's `exit=` for every run (None: its default).
     """
-    site = _site(model, site)
-    T = check_n_loops(n_loops, model.cfg.default_loops)
     batch_size = positive_int(batch_size, "batch_size")
-    clean_tokens, corrupt_tokens = _pair(model, clean, corrupt)
-    N, S = corrupt_tokens.shape
-    pos = _positions(positions, site, S)
-    seed = _seed(model, seed)
-    run = dict(n_loops=T, seed=seed, exit=exit)
-    sites, shapes = _sites(model, site, T, pos)
-    names = _names_for(model, site, T)
+    plan = _plan(model, clean, corrupt, site, n_loops, seed, positions, exit)
+    site, T, clean_tokens, corrupt_tokens, pos, seed, run, sites, shapes, names = plan
+    N = corrupt_tokens.shape[0]
     clean_logits, clean_acts = _cache(model, clean_tokens, names, **run)
     share = _shares_prefix(model, exit, T)
     starts = [f"iter.{t}.hook_state_pre" for t in range(T)] if share else []
@@ -448,15 +469,8 @@ def attribution_patch(
     `metric(corrupt) + sum_d (a_clean - a_corrupt) * d metric / d a_corrupt` per site (summed over
     the prompts too, and for "head" over the positions). Same arguments, sites and shapes as
     `activation_patch`; `metric` must be differentiable."""
-    site = _site(model, site)
-    T = check_n_loops(n_loops, model.cfg.default_loops)
-    clean_tokens, corrupt_tokens = _pair(model, clean, corrupt)
-    S = corrupt_tokens.shape[1]
-    pos = _positions(positions, site, S)
-    seed = _seed(model, seed)
-    run = dict(n_loops=T, seed=seed, exit=exit)
-    sites, shapes = _sites(model, site, T, pos)
-    names = _names_for(model, site, T)
+    plan = _plan(model, clean, corrupt, site, n_loops, seed, positions, exit)
+    site, T, clean_tokens, corrupt_tokens, pos, seed, run, sites, shapes, names = plan
     store: dict[str, dict[str, Tensor]] = {"clean": {}, "corrupt": {}}
     current = ["clean"]
 
