@@ -28,6 +28,7 @@ from loop_lens.analysis.fixed_points import (
     fixed_points,
     step_sizes,
 )
+from loop_lens.analysis.hierarchical import HierarchicalConvergence, hierarchical_convergence
 from loop_lens.analysis.lens import (
     LENSES,
     CodaLens,
@@ -45,10 +46,10 @@ from loop_lens.analysis.sweeps import SweepResult, random_init_sweep
 from loop_lens.analysis.trajectory import Trajectory, pca_trajectory
 
 __all__ = [
-    "LENSES", "AttentionStability", "CodaLens", "CyclicSimilarity", "DepthProfile", "FixedPoints", "Lens", "LensResult",
+    "LENSES", "AttentionStability", "CodaLens", "CyclicSimilarity", "DepthProfile", "FixedPoints", "HierarchicalConvergence", "Lens", "LensResult",
     "LogitLens", "LoopedModel", "StateLensResult", "StepSizes", "StreamingResult", "SweepResult", "TokenClasses",
     "Trajectory", "aggregate", "attention_stability", "classify_tokens", "coda_lens", "colsum_concentration",
-    "cyclic_similarity", "depth_profile", "fixed_points", "get_lens", "head_type_scores", "iter_batches",
+    "cyclic_similarity", "depth_profile", "fixed_points", "get_lens", "head_type_scores", "hierarchical_convergence", "iter_batches",
     "js_divergence_rows", "lens_of_states", "logit_lens", "logit_lens_of_states", "mixing_score", "over_prompts",
     "pca_trajectory", "random_init_sweep", "sink_score", "step_sizes", "stream_analyses", "streaming",
 ]
