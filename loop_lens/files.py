@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
+
+
+def is_plain_file_name(name: Any) -> bool:
+    """A non-empty file name with no folder part: no separator, not '.' or '..', no NUL."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def write_text_atomic(path: Union[str, Path], text: str) -> Path:

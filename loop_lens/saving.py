@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, SaveError
+from loop_lens.files import is_plain_file_name
 
 CONFIG_NAME = "loop_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,16 +54,6 @@ class NativeFiles:
     tokenizer: Optional[Path]
 
 
-def _plain_name(value: Any) -> bool:
-    return (
-        isinstance(value, str)
-        and value not in ("", ".", "..")
-        and "/" not in value
-        and "\\" not in value
-        and "\0" not in value
-    )
-
-
 def native_files(directory: Union[str, Path]) -> NativeFiles:
     """The config fields of a native checkpoint and the files it names; raises LoadError."""
     directory = Path(directory)
@@ -85,7 +76,7 @@ def native_files(directory: Union[str, Path]) -> NativeFiles:
         if name is None and role == "tokenizer":
             named[role] = None
             continue
-        if not _plain_name(name):
+        if not is_plain_file_name(name):
             raise LoadError(
                 f"{path}: {FILES_KEY}.{role} must be a file name inside the checkpoint folder, got {name!r}"
             )

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from loop_lens.config import LoopConfig, Rule, show_value
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
+from loop_lens.files import is_plain_file_name
 
 if TYPE_CHECKING:
     from loop_lens.model.looped import HookedLoopedTransformer
@@ -66,11 +67,6 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         raise LoadError(f"cannot read {path} (truncated or corrupt safetensors file?): {err}") from err
 
 
-def _is_plain_file_name(name: Any) -> bool:
-    """A non-empty file name with no folder part: no separator, not '.' or '..'."""
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-
-
 def _read_index(index: Path, directory: Path) -> tuple[list[Path], list[str]]:
     """The shard files a safetensors index names (each a plain file name in `directory`) and the
     tensor names it lists."""
@@ -82,7 +78,7 @@ def _read_index(index: Path, directory: Path) -> tuple[list[Path], list[str]]:
         raise LoadError(f"{index} is not a valid safetensors index: 'weight_map' must be a non-empty object")
     shards: dict[str, Path] = {}
     for tensor_name, shard in weight_map.items():
-        if not _is_plain_file_name(shard):
+        if not is_plain_file_name(shard):
             raise LoadError(
                 f"{index} maps tensor {tensor_name!r} to shard {shard!r}, which is not a plain file name "
                 f"in {directory}; an index may only name files beside it"
