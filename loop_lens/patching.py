@@ -305,8 +305,6 @@ def _cache(model: Any, tokens: Tensor, names: list[str], **run: Any) -> tuple[Te
     def keep(act: Tensor, hook: Any) -> None:
         store[hook.name] = act.detach()
 
-    if any(n.startswith("iter.") for n in names):
-        model.ensure_loops(run["n_loops"])  # every iteration's hook points in one go
     with torch.no_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=[(n, keep) for n in names], **run)
     return logits, store
@@ -480,7 +478,6 @@ def attribution_patch(
     def keep(act: Tensor, hook: Any) -> None:
         store[current[0]][hook.name] = act
 
-    model.ensure_loops(T)  # both passes in one hooks context: the hook points are made once
     with model.hooks(fwd_hooks=[("hook_embed", leaf_embed)] + [(n, keep) for n in names]):
         with torch.no_grad():
             m_clean = float(_scalar(metric(model(clean_tokens, **run))))

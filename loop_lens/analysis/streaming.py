@@ -143,7 +143,6 @@ def stream_analyses(
         reader = block_lens(model, lens)
         pos = [_checks.index(p, "lens_positions entry", S, "positions") for p in lens_positions]
     L, H = cfg.n_block, cfg.n_heads
-    model.ensure_loops(T)
     hooks = []
 
     def locate(name: str) -> tuple[int, int]:

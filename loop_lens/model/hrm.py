@@ -25,7 +25,6 @@ from typing import Any, Optional, Union
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
 from loop_lens.cache import LoopCache
 from loop_lens.config import LoopConfig
@@ -83,6 +82,8 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     `NestedIterationHooks`), only where something is hooked or cached.
     """
 
+    iteration_hooks_cls = NestedIterationHooks
+
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
         if cfg.l_cycles < 1:
             raise ConfigError(f"l_cycles: a nested (HRM) model needs l_cycles >= 1, got {cfg.l_cycles}")
@@ -94,8 +95,6 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         self.stack_norm = Norm(cfg.d_model, "RMS", cfg.norm_eps, weight=False)  # closes both stacks
         self.z_l_init = nn.Parameter(torch.zeros(cfg.d_model), requires_grad=False)
         self.ln_final.weight = None  # never applied (final_norm=False): keep it out of the state dict
-        template = NestedIterationHooks(cfg)
-        self._iter_suffixes = tuple(n for n, m in template.named_modules() if isinstance(m, HookPoint))
         self._token_types: Optional[Tensor] = None  # this run's token_type_ids (PrefixLM), set by forward
         self.setup()
 
@@ -141,14 +140,6 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             raise _StopAtLayer(x)
         run.depth += 1
         return block(x, hooks, run.rotary, run.rope, run.allowed)
-
-    def _materialise(self, iterations: Any) -> None:
-        """Create the nested hook containers of these H cycles (reusing released ones)."""
-        missing = [t for t in iterations if str(t) not in self.iter]
-        for t in missing:
-            self.iter[str(t)] = self._spare_hooks.pop() if self._spare_hooks else NestedIterationHooks(self.cfg)
-        if missing:
-            self.setup()
 
     def _loop(
         self, s: Float[Tensor, "batch pos d_model"], e: Float[Tensor, "batch pos d_model"], run: _Run

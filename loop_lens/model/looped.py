@@ -8,6 +8,7 @@ import json
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -135,6 +136,8 @@ class HookedLoopedTransformer(HookedRootModule):
     run of any length costs no memory per iteration.
     """
 
+    iteration_hooks_cls: type[nn.Module] = IterationHooks  # the hook container of one iteration
+
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
         super().__init__()
         self.cfg = cfg
@@ -161,7 +164,7 @@ class HookedLoopedTransformer(HookedRootModule):
         self.unembed = nn.Linear(D, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
-        template = IterationHooks(cfg)
+        template = self.iteration_hooks_cls(cfg)
         self._iter_suffixes = tuple(n for n, m in template.named_modules() if isinstance(m, HookPoint))
         self._filter_hooks: list[_FilterHook] = []
         self._spare_hooks: list[IterationHooks] = []  # released containers, reused (not submodules)
@@ -209,7 +212,7 @@ class HookedLoopedTransformer(HookedRootModule):
     def _materialise(self, iterations: Any) -> None:
         missing = [t for t in iterations if str(t) not in self.iter]
         for t in missing:
-            self.iter[str(t)] = self._spare_hooks.pop() if self._spare_hooks else IterationHooks(self.cfg)
+            self.iter[str(t)] = self._spare_hooks.pop() if self._spare_hooks else self.iteration_hooks_cls(self.cfg)
         if missing:
             self.setup()
 
@@ -240,20 +243,38 @@ class HookedLoopedTransformer(HookedRootModule):
         hp = self.mod_dict.get(name)
         if isinstance(hp, HookPoint):
             return hp
+        named = self._iterations_named([name])
+        if named:
+            self._materialise(named)
+            return self.mod_dict[name]
         try:
             parts = parse_hook_name(name)
         except ValueError:
             parts = None
-        if parts is not None and parts.phase == "loop" and name.split(".", 2)[2] in self._iter_suffixes:
-            self._materialise([parts.iteration])
-            return self.mod_dict[name]
         t = parts.iteration if parts is not None and parts.iteration is not None else 0
         known = [n for n in self.hook_dict if not n.startswith("iter.")] + self.loop_hook_names(t)
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise HookNameError(f"no hook point named {name!r} on this model{hint} (model.hook_names(T) lists them all)")
 
+    def _iterations_named(self, names: Sequence[Any]) -> list[int]:
+        """The iterations whose hook points these names (of any run length) refer to."""
+        found = set()
+        for name in names:
+            if isinstance(name, str) and name.startswith("iter.") and name.split(".", 2)[-1] in self._iter_suffixes:
+                found.add(parse_hook_name(name).iteration)
+        return sorted(found)
+
     # ------------------------------------------------------------------ hooks (TransformerLens API)
+    @contextmanager
+    def hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False) -> Any:
+        """TransformerLens's `hooks` context; the iterations its hook names reach get their hook
+        points in one pass (they are dropped again when the context resets its hooks)."""
+        self._materialise(self._iterations_named([name for name, _ in [*fwd_hooks, *bwd_hooks]]))
+        with super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as model:
+            yield model
+
     def add_hook(
         self,
         name: Union[str, Callable[[str], bool]],
@@ -689,6 +710,7 @@ class HookedLoopedTransformer(HookedRootModule):
         iterations' hook points."""
         if isinstance(names_filter, str) or (isinstance(names_filter, Sequence) and not callable(names_filter)):
             listed = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+            self._materialise(self._iterations_named(listed))
             for name in listed:
                 self._hook_point(name)
                 parts = parse_hook_name(name) if name.startswith("iter.") else None
