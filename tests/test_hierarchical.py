@@ -8,31 +8,17 @@ import math
 
 import pytest
 import torch
-from conftest import require, tiny_model
+from conftest import tiny_model
+from hrm_models import VOCAB, HrmTextConfig, HrmTextForCausalLM, random_hrm, saved  # noqa: E402
 
 import loop_lens as ll
 from loop_lens import analysis as A
 from loop_lens.analysis.hierarchical import HierarchicalConvergence, hierarchical_convergence
 
-transformers = require("transformers")
-from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
-
-VOCAB = 61
-
 
 def _hrm(tmp_path, seed: int = 0, **fields) -> ll.HookedLoopedTransformer:
-    """A random tiny HRM-Text (transformers' model written with save_pretrained, loaded by ll.load)."""
-    torch.manual_seed(seed)
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                head_dim=8, H_cycles=3, L_cycles=4, max_position_embeddings=64, initializer_range=0.1)
-    base.update(fields)
-    hf = HrmTextForCausalLM(HrmTextConfig(**base)).eval()
-    with torch.no_grad():
-        hf.model.z_L_init.normal_()
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path)
-    return ll.load(tmp_path)
+    """A random tiny HRM-Text with 3 H cycles of 4 L cycles (unless `fields` say otherwise), loaded by ll.load."""
+    return saved(random_hrm(seed, **{"H_cycles": 3, "L_cycles": 4, **fields}), tmp_path)
 
 
 def _tokens(batch: int = 2, pos: int = 7) -> torch.Tensor:

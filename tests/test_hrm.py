@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import require
+from hrm_models import VOCAB, HrmTextConfig, HrmTextForCausalLM, random_hrm, saved  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 import loop_lens as ll
@@ -20,32 +20,6 @@ from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError, LoadError, SaveError
 from loop_lens.model.hrm import HookedHrmTransformer
 from loop_lens.model.names import hook_name, parse_hook_name, parse_nested_hook_name
-
-transformers = require("transformers")
-from transformers import HrmTextConfig, HrmTextForCausalLM  # noqa: E402
-
-VOCAB = 61
-
-
-def _hf(seed: int = 0, **fields) -> HrmTextForCausalLM:
-    """A random tiny HRM-Text with non-trivial weights everywhere (z_L_init included). Weights
-    are kept moderate: much larger ones make the recurrence chaotic, so that transformers' own
-    fp32 and fp64 runs already differ by more than 1e-4."""
-    torch.manual_seed(seed)
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                head_dim=8, H_cycles=2, L_cycles=3, max_position_embeddings=64, initializer_range=0.1)
-    base.update(fields)
-    model = HrmTextForCausalLM(HrmTextConfig(**base)).eval()
-    with torch.no_grad():
-        model.model.z_L_init.normal_()
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def _saved(hf: HrmTextForCausalLM, tmp_path) -> ll.HookedLoopedTransformer:
-    hf.save_pretrained(tmp_path)
-    return ll.load(tmp_path)
 
 
 def _tokens(seed: int = 1, batch: int = 2, pos: int = 9) -> torch.Tensor:
@@ -63,8 +37,8 @@ CONFIGS = [
 
 @pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"H{f['H_cycles']}L{f['L_cycles']}x{f['num_hidden_layers']}")
 def test_logits_equal_transformers(fields, tmp_path):
-    hf = _hf(**fields)
-    model = _saved(hf, tmp_path)
+    hf = random_hrm(**fields)
+    model = saved(hf, tmp_path)
     assert isinstance(model, HookedHrmTransformer) and model.cfg.family == "hrm_text"
     assert (model.cfg.default_loops, model.cfg.l_cycles, model.cfg.n_block) == (
         fields["H_cycles"], fields["L_cycles"], fields["num_hidden_layers"])
@@ -79,8 +53,8 @@ def test_logits_equal_transformers(fields, tmp_path):
 
 def test_every_cycle_matters(tmp_path):
     """The comparison above is not vacuous: fewer H cycles, or z_L_init ignored, change the logits."""
-    hf = _hf()
-    model = _saved(hf, tmp_path)
+    hf = random_hrm()
+    model = saved(hf, tmp_path)
     tokens = _tokens()
     with torch.no_grad():
         full = model(tokens)
@@ -100,8 +74,8 @@ def _with_h(hf: HrmTextForCausalLM, h_cycles: int) -> HrmTextForCausalLM:
 
 @pytest.mark.parametrize("h_cycles", [1, 3, 5])
 def test_runtime_n_loops_sets_h_cycles(h_cycles, tmp_path):
-    hf = _hf()
-    model = _saved(hf, tmp_path)
+    hf = random_hrm()
+    model = saved(hf, tmp_path)
     tokens = _tokens(seed=3)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, n_loops=h_cycles), _with_h(hf, h_cycles)(tokens).logits, atol=1e-4, rtol=0)
@@ -128,8 +102,8 @@ def _record(hf: HrmTextForCausalLM) -> tuple[dict[str, list[torch.Tensor]], list
 
 
 def test_every_traversal_cached_equals_transformers_calls(tmp_path):
-    hf = _hf(H_cycles=3, L_cycles=2, num_hidden_layers=2)
-    model = _saved(hf, tmp_path)
+    hf = random_hrm(H_cycles=3, L_cycles=2, num_hidden_layers=2)
+    model = saved(hf, tmp_path)
     H, L, K = 3, 2, 2
     tokens = _tokens(seed=5)
     calls, handles = _record(hf)
@@ -162,8 +136,8 @@ def test_every_traversal_cached_equals_transformers_calls(tmp_path):
 
 def test_hook_intervention_matches_transformers(tmp_path):
     """Scaling the new z_L of one L cycle through our hook = scaling that call's output in transformers."""
-    hf = _hf()
-    model = _saved(hf, tmp_path)
+    hf = random_hrm()
+    model = saved(hf, tmp_path)
     tokens = _tokens(seed=7)
     target, seen = 1 * 3 + 1, []  # H cycle 1, L cycle 1
 
@@ -182,8 +156,8 @@ def test_hook_intervention_matches_transformers(tmp_path):
 
 
 def test_hook_names_and_filters(tmp_path):
-    hf = _hf(H_cycles=2, L_cycles=3, num_hidden_layers=2)
-    model = _saved(hf, tmp_path)
+    hf = random_hrm(H_cycles=2, L_cycles=3, num_hidden_layers=2)
+    model = saved(hf, tmp_path)
     names = model.hook_names(2)
     for want in ["iter.0.low.2.hook_state_pre", "iter.1.low.0.blocks.1.attn.hook_pattern", "iter.1.low.2.hook_state_post",
                  "iter.1.hook_injected", "iter.1.blocks.0.attn.hook_gate", "iter.1.hook_state_post", "iter.0.hook_state_pre"]:
@@ -228,8 +202,8 @@ def test_hook_name_helpers():
 
 
 def test_stop_at_layer_counts_every_traversal(tmp_path):
-    hf = _hf(H_cycles=2, L_cycles=3, num_hidden_layers=2)
-    model = _saved(hf, tmp_path)
+    hf = random_hrm(H_cycles=2, L_cycles=3, num_hidden_layers=2)
+    model = saved(hf, tmp_path)
     assert model.cfg.depth(2) == 2 * (3 + 1) * 2
     tokens = _tokens()
     wanted = ["iter.0.low.1.blocks.1.hook_resid_pre", "iter.1.low.0.blocks.0.hook_resid_pre", "iter.1.blocks.0.hook_resid_pre"]
@@ -240,7 +214,7 @@ def test_stop_at_layer_counts_every_traversal(tmp_path):
 
 
 def test_bad_checkpoints_raise_load_error(tmp_path):
-    hf = _hf()
+    hf = random_hrm()
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     tensors = load_file(tmp_path / "model.safetensors")
@@ -274,7 +248,7 @@ def test_config_and_save_guards(tmp_path):
         LoopConfig(d_model=16, n_heads=2, d_vocab=10, n_block=1, norm_weight=False, normalization_type="LN")
     with pytest.raises(ConfigError, match="l_cycles"):
         HookedHrmTransformer(LoopConfig(d_model=16, n_heads=2, d_vocab=10, n_block=1, final_norm=False))
-    model = _saved(_hf(), tmp_path / "ckpt")
+    model = saved(random_hrm(), tmp_path / "ckpt")
     with pytest.raises(SaveError, match="HRM"):
         model.save(tmp_path / "out")
 
@@ -288,8 +262,8 @@ def _prefix_types(batch: int = 2, pos: int = 9) -> torch.Tensor:
 
 @pytest.mark.parametrize("fields", CONFIGS[:3], ids=lambda f: f"H{f['H_cycles']}L{f['L_cycles']}x{f['num_hidden_layers']}")
 def test_prefix_lm_token_type_ids_equal_transformers(fields, tmp_path):
-    hf = _hf(**fields, prefix_lm=True)
-    model = _saved(hf, tmp_path)
+    hf = random_hrm(**fields, prefix_lm=True)
+    model = saved(hf, tmp_path)
     tokens, tt = _tokens(), _prefix_types()
     with torch.no_grad():
         want = hf(tokens, token_type_ids=tt).logits
@@ -306,8 +280,8 @@ def test_prefix_lm_token_type_ids_equal_transformers(fields, tmp_path):
 
 
 def test_prefix_lm_with_padding_equals_transformers(tmp_path):
-    hf = _hf(prefix_lm=True)
-    model = _saved(hf, tmp_path)
+    hf = random_hrm(prefix_lm=True)
+    model = saved(hf, tmp_path)
     tokens, tt = _tokens(), _prefix_types()
     mask = torch.ones_like(tokens)
     mask[1, -2:] = 0  # right padding
@@ -318,14 +292,14 @@ def test_prefix_lm_with_padding_equals_transformers(tmp_path):
 
 
 def test_token_type_ids_checked_or_ignored(tmp_path):
-    model = _saved(_hf(prefix_lm=True), tmp_path / "a")
+    model = saved(random_hrm(prefix_lm=True), tmp_path / "a")
     tokens = _tokens()
     with pytest.raises(ValueError, match="token_type_ids must be an integer tensor"):
         model(tokens, token_type_ids=torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="only 0"):
         model(tokens, token_type_ids=torch.full((2, 9), 2))
-    hf = _hf(prefix_lm=False)
-    plain = _saved(hf, tmp_path / "b")
+    hf = random_hrm(prefix_lm=False)
+    plain = saved(hf, tmp_path / "b")
     with pytest.warns(UserWarning, match="prefix_lm=False"):
         got = plain(tokens, token_type_ids=_prefix_types())
     with torch.no_grad():
@@ -333,7 +307,7 @@ def test_token_type_ids_checked_or_ignored(tmp_path):
 
 
 def test_nested_cache_stack_and_refusals(tmp_path):
-    model = _saved(_hf(H_cycles=2, L_cycles=3, num_hidden_layers=2), tmp_path)
+    model = saved(random_hrm(H_cycles=2, L_cycles=3, num_hidden_layers=2), tmp_path)
     _, cache = model.run_with_cache(_tokens())
     stacked = cache.stack("hook_resid_post")  # the H stack: [n_loops, n_block, batch, pos, d]
     assert stacked.shape == (2, 2, 2, 9, 32)
