@@ -540,7 +540,7 @@ def generate(
             raise ValueError("attention_mask is for token input; text is padded (and masked) by the tokenizer")
         tokens, mask = model.tokenize(input, prepend_bos=prepend_bos)
     else:
-        tokens, _ = model._as_tokens(input)
+        tokens, _ = model.as_tokens(input)
         mask = model._check_mask(attention_mask, *tokens.shape)
     if return_type == "str" or (return_type == "input" and is_text):
         if model.tokenizer is None:

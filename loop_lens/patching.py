@@ -103,13 +103,7 @@ def _tokens(model: Any, tokens: Any, name: str) -> Int[Tensor, "batch pos"]:
         tokens = model.to_tokens(tokens)
     if not isinstance(tokens, Tensor):
         raise ValueError(f"{name} must be token ids [batch, pos] (or text), got {type(tokens).__name__}")
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor [batch, pos], got shape {tuple(tokens.shape)} dtype {tokens.dtype}")
-    if tokens.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}")
-    return tokens.long().to(model.device)
+    return model.as_tokens(tokens, name)[0]
 
 
 def _pair(model: Any, clean: Any, corrupt: Any) -> tuple[Tensor, Tensor]:

@@ -367,8 +367,10 @@ class HookedLoopedTransformer(HookedRootModule):
             ids = torch.as_tensor(text_or_tokens).reshape(-1).tolist()
         return decode_each(self.tokenizer, ids)
 
-    def _as_tokens(self, input: TokensLike) -> tuple[Tensor, Optional[Tensor]]:
-        """Token ids [batch, pos] (and the padding mask when text was given), checked."""
+    def as_tokens(self, input: TokensLike, name: str = "tokens") -> tuple[Tensor, Optional[Tensor]]:
+        """Token ids [batch, pos] on the model's device (and the padding mask when text was
+        given), checked: integer, 2-d (or 1-d), not empty, inside the vocabulary. Errors name
+        the argument as `name`."""
         if isinstance(input, (list, tuple)) and len(input) == 0:
             raise ValueError("empty input: an empty list of prompts")
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
@@ -381,11 +383,11 @@ class HookedLoopedTransformer(HookedRootModule):
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be an integer tensor [batch, pos], got shape {tuple(tokens.shape)} dtype {tokens.dtype}")
+            raise ValueError(f"{name} must be an integer tensor [batch, pos], got shape {tuple(tokens.shape)} dtype {tokens.dtype}")
         if tokens.numel() == 0:
-            raise ValueError(f"empty input: tokens have shape {tuple(tokens.shape)}; give at least one token per prompt")
+            raise ValueError(f"empty input: {name} has shape {tuple(tokens.shape)}; give at least one token per prompt")
         if tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab:
-            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
+            raise ValueError(f"{name}: token ids must lie in [0, {self.cfg.d_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
         return tokens.long(), None
 
     # ------------------------------------------------------------------ checks, once per forward
@@ -404,7 +406,7 @@ class HookedLoopedTransformer(HookedRootModule):
         """Check every argument before any compute and return the run's settings."""
         cfg = self.cfg
         T = check_n_loops(n_loops, cfg.default_loops)
-        tokens, text_mask = self._as_tokens(input)
+        tokens, text_mask = self.as_tokens(input)
         B, S = tokens.shape
         self._check_start(seed, generator, initial_state, (B, S, cfg.d_model))
         if return_type not in RETURN_TYPES:
