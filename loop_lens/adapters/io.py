@@ -12,7 +12,7 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -20,9 +20,8 @@ from torch import Tensor
 from loop_lens.config import LoopConfig, Rule, show_value
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
 from loop_lens.files import is_plain_file_name
-
-if TYPE_CHECKING:
-    from loop_lens.model.looped import HookedLoopedTransformer
+from loop_lens.model.components import Rotary
+from loop_lens.model.looped import HookedLoopedTransformer
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """The tensor dtypes a checkpoint's weights may have; anything else (integers, bools, fp8) is refused."""
@@ -242,9 +241,6 @@ def assemble(
     Nothing partial is returned: any problem raises LoadError. `mapped` and `source` are consumed
     (emptied) so that no second copy of the weights stays alive while they are converted.
     """
-    from loop_lens.model.components import Rotary
-    from loop_lens.model.looped import HookedLoopedTransformer
-
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
     try:
