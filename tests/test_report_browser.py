@@ -7,11 +7,11 @@ skip, except under CI (`CI` set to anything but empty, 0, false or no), where th
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
 import pytest
+from conftest import require, unavailable
 from test_report_security import HOSTILE_COMMAND, HOSTILE_NAME, hostile_model, hostile_prompts, hostile_vocab
 
 from loop_lens import load
@@ -49,16 +49,6 @@ return evidence;
 """
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _missing(reason: str) -> None:
-    if _under_ci():
-        pytest.fail(f"{reason}; under CI a missing browser is a failure, not a skip (.ci/run installs them)")
-    pytest.skip(f"{reason} (bash .ci/run installs them; under CI this fails instead)")
-
-
 def make_browser():
     """Headless Chromium with the network cut off, dialogs recorded, and browser logs kept."""
     from selenium import webdriver
@@ -80,11 +70,9 @@ def make_browser():
 def browser():
     missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", DRIVER)) if not path]
     if missing:
-        _missing(f"{' and '.join(missing)} not found on PATH: the browser tests need Debian's chromium and chromium-driver")
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        _missing("selenium is not installed: it is in the test extra (pip install -e '.[test]')")
+        unavailable(f"{' and '.join(missing)} (on PATH; the browser tests need Debian's chromium and chromium-driver)",
+                    install="bash .ci/run installs them")
+    require("selenium")
     driver = make_browser()
     yield driver
     driver.quit()
