@@ -31,7 +31,7 @@ from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, SaveError
 from loop_lens.model.components import Block, Norm
 from loop_lens.model.hooks import NestedIterationHooks
-from loop_lens.model.looped import HookedLoopedTransformer, _Run, _StopAtLayer
+from loop_lens.model.looped import HookedLoopedTransformer, _Run
 
 _NOT_NESTED = ("is not available on a nested (HRM) cache yet: its unrolled depth would misplace the L cycles. "
                "Read activations by name (cache['iter.{h}.low.{l}.blocks.{k}.hook_resid_post']), or use "
@@ -115,7 +115,6 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     def _prepare(self, input: Any, *args: Any, **kwargs: Any) -> _Run:
         """The base checks, then the PrefixLM pattern [batch, pos, pos] when token_type_ids were given."""
         run = super()._prepare(input, *args, **kwargs)
-        run.allowed = None
         tt = getattr(self, "_token_types", None)
         if tt is not None:
             B, S = run.tokens.shape
@@ -132,15 +131,6 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             run.allowed = allowed
         return run
 
-    def _layer(self, run: _Run, block: Block, hooks: Any, x: Tensor) -> Tensor:
-        """`run.layer`, with the PrefixLM pattern as the mask when there is one."""
-        if run.allowed is None:
-            return run.layer(block, hooks, x)
-        if run.depth == run.stop_at_layer:
-            raise _StopAtLayer(x)
-        run.depth += 1
-        return block(x, hooks, run.rotary, run.rope, run.allowed)
-
     def _loop(
         self, s: Float[Tensor, "batch pos d_model"], e: Float[Tensor, "batch pos d_model"], run: _Run
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -156,11 +146,11 @@ class HookedHrmTransformer(HookedLoopedTransformer):
                 low = it.low[lc]
                 x = low.hook_state_pre(z_l + s)
                 for k, blk in enumerate(self.low_blocks):
-                    x = self._layer(run, blk, low.blocks[k], x)
+                    x = run.layer(blk, low.blocks[k], x)
                 z_l = low.hook_state_post(self.stack_norm(x, low.ln_state))
             x = it.hook_injected(s + z_l)
             for k, blk in enumerate(self.blocks):
-                x = self._layer(run, blk, it.blocks[k], x)
+                x = run.layer(blk, it.blocks[k], x)
             s = it.hook_state_post(self.stack_norm(x, it.ln_state))
             if keep:
                 states.append(s)

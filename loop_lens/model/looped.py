@@ -70,13 +70,16 @@ class _Run:
     rope: Optional[tuple[Tensor, Tensor]]
     stop_at_layer: Optional[int]
     depth: int = 0
+    allowed: Optional[Tensor] = None
+    """[batch, query, key] pairs attention may use, when it is not causal-with-padding (`mask`),
+    e.g. HRM-Text's PrefixLM block."""
 
     def layer(self, block: Block, hooks: Any, x: Tensor) -> Tensor:
         """Run one layer of the unrolled stack, or stop here if `stop_at_layer` says so."""
         if self.depth == self.stop_at_layer:
             raise _StopAtLayer(x)
         self.depth += 1
-        return block(x, hooks, self.rotary, self.rope, self.mask)
+        return block(x, hooks, self.rotary, self.rope, self.mask if self.allowed is None else self.allowed)
 
 
 @dataclass
