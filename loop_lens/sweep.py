@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from loop_lens.adapters import load
 from loop_lens.analysis.attention import HEAD_TYPES
-from loop_lens.analysis.batching import _prompt_list
+from loop_lens.analysis.batching import encode_prompts, prompt_list
 from loop_lens.analysis.result import Result
 from loop_lens.analysis.streaming import ATTENTION_COLUMNS, stream_analyses
 from loop_lens.checks import check_n_loops, integer, positive_int
@@ -186,21 +186,6 @@ def _fingerprint(settings: dict[str, Any], identity: dict[str, Any], prompts: li
 
 
 # ---------------------------------------------------------------------------- one chunk
-def _encode(model: Any, chunk: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and mask [B, S] of a chunk of prompts (text, or token ids padded with 0), right-padded."""
-    if isinstance(chunk[0], str):
-        return model.tokenize(chunk)
-    width = max(len(p) for p in chunk)
-    tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-    mask = torch.zeros(len(chunk), width, dtype=torch.long)
-    for row, ids in enumerate(chunk):
-        seq = torch.as_tensor(ids)
-        if seq.ndim != 1 or seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
-            raise ValueError(f"prompts must be text or lists of integer token ids; got {seq.dtype} of shape {list(seq.shape)}")
-        tokens[row, : len(seq)], mask[row, : len(seq)] = seq, 1
-    return tokens.to(model.device), mask.to(model.device)
-
-
 def _tokens_of(model: Any, ids: list[int]) -> list[Optional[str]]:
     """The string of each token id, or None for every id when the model has no tokenizer."""
     if model.tokenizer is None:
@@ -210,7 +195,7 @@ def _tokens_of(model: Any, ids: list[int]) -> list[Optional[str]]:
 
 def _analyse_chunk(model: Any, chunk: list, first: int, settings: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The two tables' rows for prompts `first .. first + len(chunk) - 1`."""
-    tokens, mask = _encode(model, chunk)
+    tokens, mask = encode_prompts(model, chunk, first=first)
     lengths = mask.sum(1).cpu()
     last = (lengths - 1).tolist()
     positions = sorted(set(last))  # the lens reads each prompt's own last real token
@@ -403,7 +388,7 @@ def run_sweep(
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if not isinstance(lens, str) or lens not in ("logit", "coda"):
         raise ValueError(f"lens must be 'logit' or 'coda', got {lens!r}")
-    items = _prompt_list(prompts)
+    items = prompt_list(prompts)
     out_dir = _check_out_dir(out_dir)
 
     rank, world, started = _distributed()

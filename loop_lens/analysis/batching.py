@@ -16,7 +16,7 @@ from loop_lens.cache import LoopCache
 Prompts = Union[Sequence[str], Sequence[Sequence[int]], torch.Tensor]
 
 
-def _prompt_list(prompts: Prompts) -> list:
+def prompt_list(prompts: Prompts) -> list:
     """The prompts as a list, refusing an empty list, empty prompts, and text mixed with ids."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, got a single string; wrap it in a list")
@@ -36,6 +36,24 @@ def _prompt_list(prompts: Prompts) -> list:
     return items
 
 
+def encode_prompts(model: LoopedModel, chunk: list, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and attention mask [B, S] on the model's device for a list of prompts, right-padded:
+    text through the model's tokenizer, token-id sequences padded with 0. `first` is the index of
+    `chunk[0]` among all prompts, for error messages."""
+    if isinstance(chunk[0], str):
+        return model.tokenize(chunk)
+    seqs = [torch.as_tensor(c, device=model.device) for c in chunk]
+    for i, seq in enumerate(seqs):
+        if seq.ndim != 1 or seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
+            raise ValueError(f"prompt {first + i} must be a sequence of integer token ids, got {seq.dtype} of shape {list(seq.shape)}")
+    width = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=model.device)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=model.device)
+    for i, seq in enumerate(seqs):
+        tokens[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+    return tokens, mask
+
+
 def iter_batches(
     model: LoopedModel,
     prompts: Prompts,
@@ -48,25 +66,12 @@ def iter_batches(
     """Yield (cache, tokens, attention_mask, offset) per batch of prompts. Text is tokenized with
     the model's tokenizer and right-padded; token lists are padded with 0. The mask is passed to
     the model, so padding never leaks into real positions."""
-    items = _prompt_list(prompts)
-    text = isinstance(items[0], str)
+    items = prompt_list(prompts)
     n_loops = _checks.loop_count(n_loops, model.cfg.default_loops)
     batch_size = _checks.positive_int(batch_size, "batch_size")
     bar = tqdm(range(0, len(items), batch_size), desc="prompts", disable=not progress, unit="batch")
     for start in bar:
-        chunk = items[start : start + batch_size]
-        if text:
-            tokens, mask = model.tokenize(chunk)
-        else:
-            seqs = [torch.as_tensor(c, device=model.device) for c in chunk]
-            for i, seq in enumerate(seqs):
-                if seq.ndim != 1 or seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
-                    raise ValueError(f"prompt {start + i} must be a sequence of integer token ids, got {seq.dtype} of shape {list(seq.shape)}")
-            width = max(len(s) for s in seqs)
-            tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=model.device)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long, device=model.device)
-            for i, s in enumerate(seqs):
-                tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+        tokens, mask = encode_prompts(model, items[start : start + batch_size], first=start)
         _, cache = model.run_with_cache(tokens, n_loops=n_loops, attention_mask=mask, names_filter=names_filter, **run_kwargs)
         yield cache, tokens, mask, start
 
