@@ -74,14 +74,26 @@ def _checkpoint_dir(spec: str) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def _existing(text: Optional[str], kind: str) -> bool:
+    """Whether `text` names an existing file (kind "file") or directory ("dir"). Prompt text is
+    not a path: one longer than the system's name limit, or holding a NUL byte, names nothing
+    (where `Path.is_file` would raise)."""
+    if not text:
+        return False
+    try:
+        return Path(text).is_file() if kind == "file" else Path(text).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_prompts(text: Optional[str], file: Optional[str]) -> list[str]:
     """Prompts from `--prompts` (the text itself, or a file when a file of that name exists) or
     `--prompts-file` (one prompt per line, or a JSON list of strings)."""
     from loop_lens.errors import LoadError
 
-    if file is None and text is not None and Path(text).is_dir():
+    if file is None and _existing(text, "dir"):
         raise LoadError(f"--prompts {text} is a directory; give a prompt, or a file with --prompts-file")
-    if file is None and text is not None and Path(text).is_file():
+    if file is None and _existing(text, "file"):
         file = text
     if file is None:
         if not text or not text.strip():
@@ -121,7 +133,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     outputs = [("--out", Path(args.out))] + ([("--json", Path(args.json))] if args.json else [])
     if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
         raise SaveError(f"--out and --json both name {args.out}: give two different files")
-    inputs = [Path(p) for p in (args.prompts_file, args.prompts) if p and Path(p).is_file()]
+    inputs = [Path(p) for p in (args.prompts_file, args.prompts) if _existing(p, "file")]
     model_dir = _checkpoint_dir(args.model)
     for flag, target in outputs:
         if target.is_dir():

@@ -113,6 +113,16 @@ def test_an_inline_prompt_with_a_slash_is_a_prompt_not_a_path(capsys, tmp_path):
     assert code == 1 and "is a directory" in err
 
 
+def test_a_prompt_longer_than_a_file_name_can_be_is_a_prompt(capsys, tmp_path):
+    """A 256-token prompt is longer than the system's 255-byte name limit: asking whether it names
+    a file must not fail with ENAMETOOLONG (it did: `Path.is_file` raises there)."""
+    prompt = "ab" * 150
+    code, _, err = run(capsys, "report", "zoo:tiny-random", "--prompts", prompt, "--n-loops", "2",
+                       "--out", str(tmp_path / "r.html"), "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "r.html").is_file()
+
+
 def _hashes(folder):
     import hashlib
 
