@@ -135,20 +135,24 @@ def logit_lens(
         final_logp = F.log_softmax(final_logits.float(), -1)  # [B, S, V]
         final_top = final_logp.argmax(-1)
         tgt = final_top if targets is None else targets
+        final_p = final_logp.exp()
         out = {n: [] for n in ("ids", "probs", "tp", "rank", "ent", "kl")}
+        # one (iteration, layer) at a time: a [B, S, V] distribution in fp32 is the largest tensor
+        # (stacking the layers would hold L of them: 19 GB for a 24-layer, 49k-vocabulary model)
         for t in range(T):
-            logits = torch.stack([reader(x[t, layer], hook_name("resid_post", layer=layer, iteration=t), mask) for layer in range(L)])
-            logp = F.log_softmax(logits.float(), -1)  # [L, B, S, V]
-            p = logp.exp()
-            top = logp.topk(k, dim=-1)
-            target_logp = logp.gather(-1, tgt[None, ..., None].expand(L, B, S, 1))[..., 0]
-            out["ids"].append(top.indices)
-            out["probs"].append(top.values.exp())
-            out["tp"].append(target_logp.exp())
-            out["rank"].append((logp > target_logp[..., None]).sum(-1))
-            out["ent"].append(-(p * logp).sum(-1))
-            out["kl"].append((final_logp.exp()[None] * (final_logp[None] - logp)).sum(-1))
-    st = {n: torch.stack(v) for n, v in out.items()}
+            for layer in range(L):
+                logits = reader(x[t, layer], hook_name("resid_post", layer=layer, iteration=t), mask)
+                logp = F.log_softmax(logits.float(), -1)  # [B, S, V]
+                del logits
+                top = logp.topk(k, dim=-1)
+                target_logp = logp.gather(-1, tgt[..., None])[..., 0]
+                out["ids"].append(top.indices)
+                out["probs"].append(top.values.exp())
+                out["tp"].append(target_logp.exp())
+                out["rank"].append((logp > target_logp[..., None]).sum(-1))
+                out["ent"].append(-(logp.exp() * logp).sum(-1))
+                out["kl"].append((final_p * (final_logp - logp)).sum(-1))
+    st = {n: torch.stack(v).unflatten(0, (T, L)) for n, v in out.items()}
     return LensResult(
         top_ids=st["ids"], top_probs=st["probs"], target_prob=st["tp"], target_rank=st["rank"], entropy=st["ent"],
         kl_to_final=st["kl"], final_top=final_top, targets=tgt, lens=reader.name, str_tokens=vocab_labels(model),
