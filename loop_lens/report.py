@@ -36,6 +36,32 @@ from loop_lens.patching import activation_patch
 from loop_lens.viz import AttentionView, circuitsvis_bundle, figure_html, parts, plotly_bundle, templates
 
 REPORT_HOOKS = ("hook_resid_post", "hook_resid_pre", "attn.hook_pattern", "hook_state_post")
+ATTENTION_POSITIONS = 64  # the attention view shows the first 64 positions, as `viz.attention` does
+ATTENTION_WEIGHTS = 4_000_000  # and embeds at most this many pattern weights (about 30 MB of HTML)
+
+
+def _attention_view(cache: Any, str_tokens: Sequence[str], length: int) -> tuple[AttentionView, str]:
+    """The report's attention view of prompt 0 and a note saying what it shows. A 1B-class model's
+    full set (16 iterations x 24 layers x 16 heads x 256^2 positions) is 400M weights, too many
+    for a page: beyond `ATTENTION_WEIGHTS` the view keeps evenly spaced iterations, first and last
+    always."""
+    patterns = cache.stack("attn.hook_pattern")  # [T, L, B, H, S, S]
+    T, L, _, H = patterns.shape[:4]
+    S = min(length, ATTENTION_POSITIONS)
+    keep = max(1, min(T, ATTENTION_WEIGHTS // (L * H * S * S)))
+    if T > 1:
+        keep = max(keep, 2)
+    iterations = sorted({round(i * (T - 1) / (keep - 1)) for i in range(keep)}) if keep > 1 else [T - 1]
+    view = AttentionView(patterns[iterations, :, 0, :, :S, :S], list(str_tokens)[:S],
+                         title="Attention patterns of every head, prompt 0", iterations=iterations)
+    shown = []
+    if S < length:
+        shown.append(f"positions 0..{S - 1} of {length}")
+    if len(iterations) < T:
+        shown.append(f"iterations {', '.join(map(str, iterations))} of 0..{T - 1}")
+    note = ("" if not shown else "This view shows " + " and ".join(shown) + f" (a page embeds at most "
+            f"{ATTENTION_WEIGHTS:,} weights); `loop_lens.viz.attention(cache)` in a notebook shows any of them.")
+    return view, note
 
 
 class _Cell(NamedTuple):
@@ -189,8 +215,7 @@ def build_report(
     traj = pca_trajectory(cache, position=pos, batch=0)
     steps_bar.update()
     str_tokens = model.to_str_tokens(tokens[0, :length0]) if model.tokenizer is not None else [str(t) for t in tokens[0, :length0].tolist()]
-    view = AttentionView(cache.stack("attn.hook_pattern")[:, :, 0, :, :length0, :length0], str_tokens,
-                         title="Attention patterns of every head, prompt 0")
+    view, view_note = _attention_view(cache, str_tokens, length0)
     conv = steps.convergence_iteration(convergence_tol)
     meta = {
         "command": command or "(Python) loop_lens.report.build_report",
@@ -221,7 +246,8 @@ def build_report(
         f"stays below {stabilisation_tol:g} (median over prompts; – = never). Head type, concentration (ColSum), "
         "sink score and mixing at the last iteration. kappa = ||W_Q W_K^T||_2, the constant of the paper's bound "
         "tying pattern change to the residual step.")))
-    report.sections.append(("Attention per head and iteration", view.html(include_bundle=False)))
+    report.sections.append(("Attention per head and iteration", view.html(include_bundle=False)
+                            + (block.note(view_note) if view_note else "")))
     report.sections.append((f"{lens_name.capitalize()} lens at position {pos}", block.note(
         f"The model predicts {_token_text(model, answer_id)!r} (p = {answer_prob:.3f}) at position {pos} after {T} "
         f"iterations. Each cell reads one (iteration, layer) output through the {lens_name} lens"

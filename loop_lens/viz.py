@@ -93,7 +93,10 @@ class AttentionView:
     """Attention patterns of every head of one block layer, with a control to move through the
     iterations (and layers). Renders offline in Jupyter (`_repr_html_`) or as part of a page."""
 
-    def __init__(self, patterns: torch.Tensor, str_tokens: Sequence[str], title: str = "Attention by iteration"):
+    def __init__(self, patterns: torch.Tensor, str_tokens: Sequence[str], title: str = "Attention by iteration",
+                 iterations: Optional[Sequence[int]] = None):
+        """`patterns` [n_loops, n_layers, n_heads, pos, pos]; `iterations` labels the first axis
+        when it holds a selection of the run's iterations (default 0, 1, ...)."""
         if not isinstance(patterns, torch.Tensor) or patterns.ndim != 5 or patterns.shape[-1] != patterns.shape[-2]:
             shape = tuple(patterns.shape) if isinstance(patterns, torch.Tensor) else type(patterns).__name__
             raise ValueError(f"patterns must be a tensor [n_loops, n_layers, n_heads, pos, pos], got {shape}")
@@ -103,6 +106,11 @@ class AttentionView:
             given = "a single string" if isinstance(str_tokens, str) else f"{len(str_tokens)} tokens"
             raise ValueError(f"str_tokens must be one string per position: the patterns cover {patterns.shape[-1]} "
                              f"positions, got {given}")
+        T = patterns.shape[0]
+        labels = list(range(T)) if iterations is None else [int(i) for i in iterations]
+        if len(labels) != T:
+            raise ValueError(f"iterations must label each of the {T} pattern iterations, got {len(labels)} labels")
+        self.iterations = labels
         self.patterns = patterns.float().cpu()  # [T, L, H, S, S] for one batch item
         self.tokens = [str(t) for t in str_tokens]
         self.title = str(title)
@@ -115,6 +123,7 @@ class AttentionView:
             "tokens": self.tokens,
             "heads": [f"L{layer}H{h}" for layer in range(L) for h in range(H)],
             "n_loops": T,
+            "iterations": self.iterations,
             "n_layers": L,
             "attention": [[[[[round(v, 4) if math.isfinite(v) else None for v in row] for row in head] for head in layer]
                            for layer in it] for it in self.patterns.tolist()],
@@ -126,6 +135,7 @@ class AttentionView:
         T, L = self.patterns.shape[:2]
         return Markup(templates().get_template("attention_view.html.j2").render(
             view_id="ll-attn-" + uuid.uuid4().hex[:12], title=self.title, tokens=self.tokens, n_loops=T, n_layers=L,
+            last_iteration=self.iterations[-1],
             data=self.data(),
             bundle=circuitsvis_bundle() if include_bundle else None))
 

@@ -226,6 +226,33 @@ def test_attention_view_writes_nonfinite_weights_as_null():
     assert data["attention"] == [[[[[1.0, None], [None, 0.5]]]]]
 
 
+def test_report_attention_view_stays_within_its_budget_and_labels_the_iterations_it_keeps(monkeypatch):
+    """A 1B-class model's patterns do not fit a page: past the budget the view keeps evenly spaced
+    iterations (first and last always) and the first positions, labels them, and says so."""
+    import loop_lens.report as report_module
+
+    model = tiny_model()
+    L, H = model.cfg.n_block, model.cfg.n_heads
+    tokens = torch.randint(0, 40, (1, 9), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(report_module, "ATTENTION_POSITIONS", 6)
+    monkeypatch.setattr(report_module, "ATTENTION_WEIGHTS", 3 * L * H * 6 * 6 + 5)  # room for 3 iterations
+    report = build_report(model, tokens, n_loops=7, progress=False)
+    page = Page(report.html())
+    data = view_data(page)
+    assert data["iterations"] == [0, 3, 6] and data["n_loops"] == 3 and len(data["tokens"]) == 6
+    _, cache = model.run_with_cache(tokens, n_loops=7)
+    for shown, t in enumerate([0, 3, 6]):
+        for layer in range(L):
+            want = cache[f"iter.{t}.blocks.{layer}.attn.hook_pattern"][0, :, :6, :6]
+            assert torch.allclose(torch.tensor(data["attention"][shown][layer]), want, atol=6e-5)
+    assert "positions 0..5 of 9 and iterations 0, 3, 6 of 0..6" in page.visible
+    assert "/ 6" in page.visible  # the slider counts in the run's iterations
+
+    monkeypatch.setattr(report_module, "ATTENTION_WEIGHTS", 10**9)  # everything fits: no note
+    page = Page(build_report(model, tokens[:, :5], n_loops=4, progress=False).html())
+    assert view_data(page)["iterations"] == [0, 1, 2, 3] and "This view shows" not in page.visible
+
+
 def test_plotly_figures_cannot_break_out_of_their_script():
     fig = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]], text=[PAYLOADS[:2], PAYLOADS[2:4]], texttemplate="%{text}",
                                x=PAYLOADS[4:6], y=PAYLOADS[6:8], hovertext=[PAYLOADS[8:10], PAYLOADS[10:12]]))
