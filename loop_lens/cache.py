@@ -86,7 +86,7 @@ class LoopCache(ActivationCache):
             if key in self.cache_dict:
                 return self.cache_dict[key]
             if key.startswith(("iter.", "prelude.", "coda.")):
-                if key not in self.model.hook_names(self.n_loops):
+                if key not in self._hook_names():
                     raise KeyError(f"{key!r} is not in this cache: no such hook point in this run of the model "
                                    f"(n_loops={self.n_loops}; model.hook_names(T) lists them)")
                 raise KeyError(f"{key!r} is not in this cache; was it excluded by names_filter?")
@@ -94,7 +94,7 @@ class LoopCache(ActivationCache):
         else:
             name_part, *rest = key
             if rest and rest[0] is not None and rest[0] < 0:
-                rest[0] += self.cfg.depth(self.n_loops)
+                rest[0] += self.depth
             name = get_act_name(name_part, *rest)
         loop = self.loop_name(name)
         if loop not in self.cache_dict:
@@ -109,6 +109,19 @@ class LoopCache(ActivationCache):
         """The model's LoopConfig."""
         return self.model.cfg
 
+    @property
+    def depth(self) -> int:
+        """The run's unrolled depth."""
+        return self.cfg.depth(self.n_loops)
+
+    def _hook_names(self) -> list[str]:
+        """Every hook name the cached run fired."""
+        return self.model.hook_names(self.n_loops)
+
+    def _like(self, cache_dict: dict[str, Tensor], has_batch_dim: bool) -> LoopCache:
+        """A cache of the same run (same class and iterations) holding `cache_dict`."""
+        return LoopCache(cache_dict, self.model, self.n_loops, has_batch_dim=has_batch_dim)
+
     def depth_index(self, iteration: int, layer: int) -> int:
         """Unrolled depth of block layer `layer` at iteration `iteration`."""
         if not (0 <= iteration < self.n_loops and 0 <= layer < self.cfg.n_block):
@@ -118,7 +131,7 @@ class LoopCache(ActivationCache):
     def loop_index(self, depth: int) -> tuple[str, Optional[int], int]:
         """Unrolled depth -> (phase, iteration or None, layer within its phase)."""
         p, k = self.cfg.n_prelude, self.cfg.n_block
-        total = self.cfg.depth(self.n_loops)
+        total = self.depth
         if not 0 <= depth < total:
             raise IndexError(f"depth {depth} outside the unrolled depth {total}")
         if depth < p:
@@ -190,7 +203,10 @@ class LoopCache(ActivationCache):
         pos, embed = renamed.get("hook_pos_embed"), renamed.get("hook_embed")
         if pos is not None and embed is not None and pos.ndim < embed.ndim:
             renamed["hook_pos_embed"] = pos.expand_as(embed)  # TransformerLens caches it per batch row
-        return UnrolledCache(renamed, UnrolledView(self.model, self.n_loops), has_batch_dim=self.has_batch_dim)
+        return UnrolledCache(renamed, self._unrolled_view(), has_batch_dim=self.has_batch_dim)
+
+    def _unrolled_view(self) -> UnrolledView:
+        return UnrolledView(self.model, self.n_loops)
 
     def _run_unrolled(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Run TransformerLens's `name` on `unrolled()`; keep what it caches (head results)."""
@@ -220,7 +236,7 @@ class LoopCache(ActivationCache):
     def apply_slice_to_batch_dim(self, batch_slice: Union[Slice, SliceInput]) -> LoopCache:
         """TransformerLens's batch slice, as a LoopCache with the same iterations."""
         sliced = super().apply_slice_to_batch_dim(batch_slice)
-        return LoopCache(sliced.cache_dict, self.model, self.n_loops, has_batch_dim=sliced.has_batch_dim)
+        return self._like(sliced.cache_dict, sliced.has_batch_dim)
 
 
 class UnrolledCache(ActivationCache):
@@ -234,6 +250,8 @@ class UnrolledCache(ActivationCache):
         """Why the final residual is not embed + every layer's output (per head / neuron if asked)."""
         c = self.model.loop_cfg
         breaks = []
+        if self.model.l_cycles:
+            breaks.append("the nested loop feeds each stack z_L + z_H and normalises each stack's output")
         if c.norm_placement == "sandwich_resid":
             breaks.append("norm_placement='sandwich_resid' normalises the residual stream after every sublayer")
         elif per_head and c.norm_placement != "pre":
@@ -314,9 +332,9 @@ def _tl_block(block: Block) -> SimpleNamespace:
 class _FinalNorm(nn.Module):
     """The norm between the last layer's output and the unembedding (identity if there is none)."""
 
-    def __init__(self, model: HookedLoopedTransformer, present: bool):
+    def __init__(self, norm: Optional[nn.Module]):
         super().__init__()
-        self.norm = model.ln_final if present else None
+        self.norm = norm
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return x if self.norm is None else self.norm(x, NO_HOOKS)
@@ -324,14 +342,17 @@ class _FinalNorm(nn.Module):
 
 class UnrolledView:
     """The model as TransformerLens's cache helpers see it: `n_layers` = unrolled depth, with
-    `blocks[k]` the (shared) weights of the layer run at depth k."""
+    `blocks[k]` the (shared) weights of the layer run at depth k. For a nested (HRM) run,
+    `l_cycles` > 0: each H cycle runs the L stack `l_cycles` times, then the H stack, and the
+    norm closing the H stack is the final norm."""
 
-    def __init__(self, model: HookedLoopedTransformer, n_loops: int):
+    def __init__(self, model: HookedLoopedTransformer, n_loops: int, l_cycles: int = 0):
         c = model.cfg
         self.model = model
         self.loop_cfg = c
+        self.l_cycles = l_cycles
         self.cfg = SimpleNamespace(
-            n_layers=c.depth(n_loops),
+            n_layers=c.depth(n_loops, l_cycles),
             d_model=c.d_model,
             n_heads=c.n_heads,
             d_head=c.d_head,
@@ -345,9 +366,15 @@ class UnrolledView:
         prelude, block, coda = (
             [_tl_block(b) for b in bs] for bs in (model.prelude_blocks, model.blocks, model.coda_blocks)
         )
-        self.blocks = prelude + block * n_loops + coda
-        self.has_final_norm = c.final_norm or (c.iter_norm and c.n_coda == 0)
-        self.ln_final = _FinalNorm(model, self.has_final_norm)
+        if l_cycles:
+            low = [_tl_block(b) for b in model.low_blocks]
+            self.blocks = (low * l_cycles + block) * n_loops
+            self.has_final_norm, final = True, model.stack_norm
+        else:
+            self.blocks = prelude + block * n_loops + coda
+            self.has_final_norm = c.final_norm or (c.iter_norm and c.n_coda == 0)
+            final = model.ln_final if self.has_final_norm else None
+        self.ln_final = _FinalNorm(final)
         self.unembed = model.unembed
 
     @property
@@ -378,8 +405,9 @@ class UnrolledView:
             tokens = self.to_single_token(tokens)
         tokens = torch.as_tensor(tokens, device=self.model.device)
         folded = self.model.W_U
-        if self.has_final_norm:
-            folded = folded * self.model.ln_final.weight[:, None]
+        weight = self.ln_final.norm.weight if self.ln_final.norm is not None else None
+        if weight is not None:
+            folded = folded * weight[:, None]
         return folded[:, tokens].movedim(0, -1)
 
     def to_single_token(self, string: str) -> int:

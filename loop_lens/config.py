@@ -242,10 +242,12 @@ class LoopConfig:
         """Layers stored in the checkpoint (the recurrent block counted once)."""
         return self.n_prelude + self.n_block + self.n_coda
 
-    def depth(self, n_loops: Optional[int] = None) -> int:
-        """Unrolled depth: prelude, then `n_loops` copies of the block, then the coda."""
+    def depth(self, n_loops: Optional[int] = None, l_cycles: Optional[int] = None) -> int:
+        """Unrolled depth: prelude, then `n_loops` copies of the block, then the coda. A nested
+        (HRM) loop runs the L stack `l_cycles` times (default `self.l_cycles`) per H cycle."""
         t = self.default_loops if n_loops is None else n_loops
-        return self.n_prelude + t * self.n_block * (self.l_cycles + 1) + self.n_coda
+        low = self.l_cycles if l_cycles is None else l_cycles
+        return self.n_prelude + t * self.n_block * (low + 1) + self.n_coda
 
     @property
     def layout(self) -> str:

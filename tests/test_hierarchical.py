@@ -52,6 +52,13 @@ def test_values_equal_an_independent_computation(tmp_path):
             for i in range(1, H * L):  # the first L cycle of h against the last z_L of h - 1
                 h, l = divmod(i, L)
                 assert result.l_relative[h, l, b].item() == pytest.approx(_relative(z_l[i], z_l[i - 1], real), rel=1e-5)
+    # a runtime l_cycles: the analysis follows the run, not the checkpoint
+    _, other = model.run_with_cache(tokens, n_loops=2, l_cycles=6, names_filter=lambda n: n.endswith("hook_state_post"))
+    steps = hierarchical_convergence(other)
+    assert steps.l_relative.shape == (2, 6, 2)
+    z_l = other.stack("hook_state_post", low=True)[1, 5, 0]
+    assert steps.l_relative[1, 5, 0].item() == pytest.approx(_relative(z_l, other.stack("hook_state_post", low=True)[1, 4, 0],
+                                                                        torch.ones(7, dtype=torch.bool)), rel=1e-5)
     # padding changes the numbers (the masked positions are left out), so the masked case is not vacuous
     assert not torch.allclose(hierarchical_convergence(cache).l_relative[1:, :, 1],
                               hierarchical_convergence(cache, mask=mask).l_relative[1:, :, 1])

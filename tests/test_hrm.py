@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import loop_lens as ll
 from loop_lens.config import LoopConfig
-from loop_lens.errors import ConfigError, HookNameError, LoadError, SaveError
+from loop_lens.errors import ConfigError, HookNameError, LoadError
 from loop_lens.model.hrm import HookedHrmTransformer
 from loop_lens.model.names import hook_name, parse_hook_name, parse_nested_hook_name
 
@@ -248,9 +248,20 @@ def test_config_and_save_guards(tmp_path):
         LoopConfig(d_model=16, n_heads=2, d_vocab=10, n_block=1, norm_weight=False, normalization_type="LN")
     with pytest.raises(ConfigError, match="l_cycles"):
         HookedHrmTransformer(LoopConfig(d_model=16, n_heads=2, d_vocab=10, n_block=1, final_norm=False))
-    model = saved(random_hrm(), tmp_path / "ckpt")
-    with pytest.raises(SaveError, match="HRM"):
-        model.save(tmp_path / "out")
+
+
+def test_native_save_round_trips(tmp_path):
+    """`model.save` writes loop_lens's native format; `ll.load` gives back the same nested model
+    (its L cycles, PrefixLM flag and every weight), computing the same logits."""
+    hf = random_hrm(H_cycles=2, L_cycles=3, prefix_lm=True)
+    model = saved(hf, tmp_path / "ckpt")
+    model.save(tmp_path / "native")
+    again = ll.load(tmp_path / "native")
+    assert isinstance(again, HookedHrmTransformer) and again.cfg == model.cfg
+    assert again.state_dict().keys() == model.state_dict().keys()
+    tokens, tt = _tokens(), _prefix_types()
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens, token_type_ids=tt), hf(tokens, token_type_ids=tt).logits, atol=1e-4, rtol=0)
 
 
 def _prefix_types(batch: int = 2, pos: int = 9) -> torch.Tensor:
@@ -306,15 +317,89 @@ def test_token_type_ids_checked_or_ignored(tmp_path):
         torch.testing.assert_close(got, hf(tokens, token_type_ids=_prefix_types()).logits, atol=1e-4, rtol=0)
 
 
-def test_nested_cache_stack_and_refusals(tmp_path):
-    model = saved(random_hrm(H_cycles=2, L_cycles=3, num_hidden_layers=2), tmp_path)
-    _, cache = model.run_with_cache(_tokens())
-    stacked = cache.stack("hook_resid_post")  # the H stack: [n_loops, n_block, batch, pos, d]
-    assert stacked.shape == (2, 2, 2, 9, 32)
-    torch.testing.assert_close(stacked[1, 0], cache["iter.1.blocks.0.hook_resid_post"], atol=0, rtol=0)
-    for call in (cache.unrolled, cache.accumulated_resid, cache.decompose_resid, lambda: cache.depth_index(0, 0)):
-        with pytest.raises(ValueError, match="nested"):
-            call()
-    assert type(cache.apply_slice_to_batch_dim(0)).__name__ == "NestedLoopCache"
+def _with(hf: HrmTextForCausalLM, **fields) -> HrmTextForCausalLM:
+    """transformers' model with the same weights and other cycle counts."""
+    cfg = {**hf.config.to_dict(), "num_hidden_layers": hf.config.num_layers_per_stack, "num_layers_per_stack": None, **fields}
+    other = HrmTextForCausalLM(HrmTextConfig(**cfg)).eval()
+    other.load_state_dict(hf.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("l_cycles", [1, 2, 5])
+def test_runtime_l_cycles_equal_transformers(l_cycles, tmp_path):
+    hf = random_hrm(H_cycles=2, L_cycles=3)
+    model = saved(hf, tmp_path)
+    tokens = _tokens(seed=4)
+    with torch.no_grad():
+        want = _with(hf, L_cycles=l_cycles)(tokens).logits
+        torch.testing.assert_close(model(tokens, l_cycles=l_cycles), want, atol=1e-4, rtol=0)
+        both = _with(hf, L_cycles=l_cycles, H_cycles=3)(tokens).logits
+        torch.testing.assert_close(model(tokens, n_loops=3, l_cycles=l_cycles), both, atol=1e-4, rtol=0)
+    logits, cache = model.run_with_cache(tokens, l_cycles=l_cycles)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+    assert cache.l_cycles == l_cycles and cache.depth == 2 * (l_cycles + 1) * 2
+    assert {n for n in cache.keys() if ".low." in n} == {n for n in model.hook_names(l_cycles=l_cycles) if ".low." in n}
+    assert f"iter.1.low.{l_cycles - 1}.hook_state_post" in cache.keys() and f"iter.1.low.{l_cycles}.hook_state_post" not in cache.keys()
+    assert model.cfg.l_cycles == 3 and len(model.hook_names()) == len(model.hook_names(l_cycles=3))  # the default is untouched
+
+
+def test_hooks_in_extra_l_cycles(tmp_path):
+    model = saved(random_hrm(H_cycles=2, L_cycles=2), tmp_path)
+    tokens = _tokens()
+    seen = []
+    name = "iter.1.low.4.hook_state_post"
+    model.run_with_hooks(tokens, l_cycles=5, fwd_hooks=[(name, lambda x, hook: seen.append(hook.name))])
+    assert seen == [name]
+    with pytest.raises(HookNameError, match="l_cycles=2"):
+        model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: None)])
+    with pytest.raises(HookNameError, match="L cycle 4"):
+        model.run_with_cache(tokens, names_filter=[name])
+    with pytest.raises(ValueError, match="l_cycles must be a positive integer"):
+        model(tokens, l_cycles=0)
+    assert not model.iter  # nothing left attached or created
+
+
+def test_nested_cache_stacks_and_unrolled_depth(tmp_path):
+    """The unrolled depth lists every traversal in the order it runs: depth d of the cache is what
+    `stop_at_layer=d` stops before, for every d, with a runtime l_cycles unlike the checkpoint's."""
+    hf = random_hrm(H_cycles=2, L_cycles=3, num_hidden_layers=2)
+    model = saved(hf, tmp_path)
+    tokens = _tokens()
+    H, L, K = 2, 2, 2
+    logits, cache = model.run_with_cache(tokens, l_cycles=L)
+    high, low = cache.stack("hook_resid_post"), cache.stack("hook_resid_post", low=True)
+    assert high.shape == (H, K, 2, 9, 32) and low.shape == (H, L, K, 2, 9, 32)
+    assert cache.stack("hook_state_post", low=True).shape == (H, L, 2, 9, 32)
+    torch.testing.assert_close(low[1, 0, 1], cache["iter.1.low.0.blocks.1.hook_resid_post"], atol=0, rtol=0)
+    torch.testing.assert_close(high[1, 0], cache["iter.1.blocks.0.hook_resid_post"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="H stack"):
+        cache.stack("hook_injected", low=True)
+
+    unrolled = cache.unrolled()
+    depth = H * (L + 1) * K
+    assert cache.depth == depth == unrolled.model.cfg.n_layers
+    with torch.no_grad():
+        for d in range(depth):
+            want = model(tokens, l_cycles=L, stop_at_layer=d)
+            torch.testing.assert_close(unrolled[f"blocks.{d}.hook_resid_pre"], want, atol=1e-5, rtol=0)  # cached: explicit softmax
+            assert cache["resid_pre", d] is unrolled[f"blocks.{d}.hook_resid_pre"]
+            phase, h, cycle, layer = cache.loop_index(d)
+            assert cache.depth_index(h, layer, cycle) == d
+            assert cache.loop_name(f"blocks.{d}.hook_resid_pre") == (
+                f"iter.{h}.low.{cycle}.blocks.{layer}.hook_resid_pre" if phase == "low" else f"iter.{h}.blocks.{layer}.hook_resid_pre")
+    assert [cache.loop_index(d)[0] for d in range(0, depth, K)] == ["low", "low", "loop"] * H
+    for name in cache.keys():
+        assert cache.loop_name(cache.unrolled_name(name)) == name
+    with pytest.raises(IndexError):
+        cache.depth_index(0, 0, low_cycle=L)
+
+    # TransformerLens's helpers on the unrolled depth: the final norm is the one closing the last H stack
+    resid = cache.accumulated_resid(apply_ln=True)
+    assert resid.shape[0] == depth + 1
+    torch.testing.assert_close(model.unembed(resid[-1]), logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="nested loop"):
+        cache.decompose_resid()
+    sliced = cache.apply_slice_to_batch_dim(0)
+    assert type(sliced).__name__ == "NestedLoopCache" and sliced.l_cycles == L
     with pytest.raises(ValueError, match="nested"):
         model.generate(_tokens(), max_new_tokens=2)

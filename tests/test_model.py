@@ -11,6 +11,7 @@ from reference import unrolled_forward
 
 import loop_lens as ll
 from loop_lens import ConfigError, LoopConfig
+from loop_lens.errors import HookNameError
 
 BLOCK_HOOKS_ALWAYS = [
     "hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern",
@@ -111,6 +112,9 @@ def test_names_filter_as_string_list_and_callable(tokens):
     assert sorted(c3.cache_dict) == [f"iter.{t}.hook_exit_logit" for t in range(5)]
     with pytest.raises(KeyError, match="names_filter"):
         c3["iter.0.blocks.0.hook_resid_post"]
+    with pytest.raises(HookNameError, match="is at iteration 7, but this run has n_loops=2"):
+        model.run_with_cache(tokens, n_loops=2, names_filter=["iter.7.hook_state_post"])
+    assert "7" not in model.iter  # the refused filter leaves no hook points behind
 
 
 def test_run_with_hooks_and_reset(tokens):

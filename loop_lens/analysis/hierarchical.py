@@ -80,7 +80,7 @@ class HierarchicalConvergence(Result):
 def _nested_states(cache: LoopCache) -> tuple[Tensor, Tensor]:
     """z_H [H, B, S, D] and z_L [H, L, B, S, D] in fp32, after checking the cache holds them."""
     cache = _checks.loop_cache(cache)
-    L = int(getattr(cache.cfg, "l_cycles", 0) or 0)
+    L = int(getattr(cache, "l_cycles", 0) or 0)  # the run's L cycles (a NestedLoopCache)
     if L < 1:
         raise ValueError("cache is not from a nested (HRM) model (cfg.l_cycles = 0): hierarchical_convergence "
                          "needs z_H and z_L per cycle; use step_sizes for a single-timescale loop")

@@ -6,6 +6,8 @@ Their attribute paths are the hook names (`docs/hooks.md`): a `BlockHooks` place
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
@@ -152,10 +154,11 @@ class NestedIterationHooks(IterationHooks):
     (z_H entering), `iter.{h}.low.{l}.*` (each L cycle), `hook_injected` (z_H + z_L), the H
     stack's `blocks.{k}.*`, its closing norm `ln_state.*`, `hook_state_post` (the new z_H)."""
 
-    def __init__(self, cfg: LoopConfig) -> None:
+    def __init__(self, cfg: LoopConfig, l_cycles: Optional[int] = None) -> None:
+        """Hook points for `l_cycles` L cycles (default `cfg.l_cycles`; runs may use fewer)."""
         nn.Module.__init__(self)
         self.hook_state_pre = HookPoint()
-        self.low = nn.ModuleList(LowCycleHooks(cfg) for _ in range(cfg.l_cycles))
+        self.low = nn.ModuleList(LowCycleHooks(cfg) for _ in range(cfg.l_cycles if l_cycles is None else l_cycles))
         self.hook_injected = HookPoint()
         self.blocks = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block))
         self.ln_state = NormHooks()

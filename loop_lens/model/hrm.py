@@ -19,67 +19,133 @@ H cycle, `stop_at_layer` over the unrolled depth) is `HookedLoopedTransformer`'s
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
 
-from loop_lens.cache import LoopCache
+from loop_lens.cache import _FINAL_NORM, _UNROLLED_RE, LoopCache, UnrolledView
+from loop_lens.checks import positive_int
 from loop_lens.config import LoopConfig
-from loop_lens.errors import ConfigError, SaveError
+from loop_lens.errors import ConfigError, HookNameError
 from loop_lens.model.components import Block, Norm
-from loop_lens.model.hooks import NestedIterationHooks
-from loop_lens.model.looped import HookedLoopedTransformer, _Run
-
-_NOT_NESTED = ("is not available on a nested (HRM) cache yet: its unrolled depth would misplace the L cycles. "
-               "Read activations by name (cache['iter.{h}.low.{l}.blocks.{k}.hook_resid_post']), or use "
-               "cache.stack(kind) for the H stack")
+from loop_lens.model.hooks import LowCycleHooks, NestedIterationHooks
+from loop_lens.model.looped import HookedLoopedTransformer, _has_hooks, _Run
+from loop_lens.model.names import _suffix, parse_nested_hook_name
 
 
 class NestedLoopCache(LoopCache):
-    """The LoopCache of a nested (HRM) run. Names and `stack` (the H stack, [n_loops, n_block, ...])
-    work as usual; the unrolled-depth views refuse, naming what to use instead."""
+    """The LoopCache of a nested (HRM) run of `n_loops` H cycles of `l_cycles` L cycles.
 
-    def _refuse(self, what: str) -> ValueError:
-        return ValueError(f"{what} {_NOT_NESTED}")
+    Names work as usual (`iter.{h}.low.{l}.blocks.{k}.*`, `iter.{h}.blocks.{k}.*`).
+    `stack(kind)` is the H stack [n_loops, n_block, ...], `stack(kind, low=True)` the L stack
+    [n_loops, l_cycles, n_block, ...]. The unrolled depth lists every traversal in the order it
+    runs: in each H cycle the L stack `l_cycles` times, then the H stack, so `blocks.{d}.*`,
+    `unrolled()` and TransformerLens's helpers see the run as `n_loops * (l_cycles + 1) * n_block`
+    layers, with the norm closing the last H stack as the final norm (as the logits are read).
+    """
 
-    def unrolled(self) -> Any:
-        """Refused (ValueError): the unrolled view is not nested-aware yet."""
-        raise self._refuse("cache.unrolled()")
+    def __init__(self, cache_dict: dict[str, Tensor], model: Any, n_loops: int, has_batch_dim: bool = True,
+                 l_cycles: Optional[int] = None):
+        super().__init__(cache_dict, model, n_loops, has_batch_dim=has_batch_dim)
+        self.l_cycles = model.cfg.l_cycles if l_cycles is None else int(l_cycles)
 
-    def _run_unrolled(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse(f"cache.{name}()")
+    @property
+    def depth(self) -> int:
+        """The run's unrolled depth: every traversal of either stack, layer by layer."""
+        return self.cfg.depth(self.n_loops, self.l_cycles)
 
-    def decompose_resid(self, *args: Any, **kwargs: Any) -> Any:
-        """Refused (ValueError): needs the unrolled depth."""
-        raise self._refuse("cache.decompose_resid()")
+    def _hook_names(self) -> list[str]:
+        return self.model.hook_names(self.n_loops, l_cycles=self.l_cycles)
 
-    def get_full_resid_decomposition(self, *args: Any, **kwargs: Any) -> Any:
-        """Refused (ValueError): needs the unrolled depth."""
-        raise self._refuse("cache.get_full_resid_decomposition()")
+    def _like(self, cache_dict: dict[str, Tensor], has_batch_dim: bool) -> NestedLoopCache:
+        return NestedLoopCache(cache_dict, self.model, self.n_loops, has_batch_dim=has_batch_dim, l_cycles=self.l_cycles)
 
-    def depth_index(self, iteration: int, layer: int) -> int:
-        """Refused (ValueError): the flat depth index ignores the L cycles."""
-        raise self._refuse("cache.depth_index()")
+    def _unrolled_view(self) -> UnrolledView:
+        return UnrolledView(self.model, self.n_loops, l_cycles=self.l_cycles)
 
-    def loop_index(self, depth: int) -> Any:
-        """Refused (ValueError): the flat depth index ignores the L cycles."""
-        raise self._refuse("cache.loop_index()")
+    def _last_iter_norm_is_final(self) -> bool:
+        return True  # the norm closing the last H stack is what the unembedding reads
 
-    def apply_slice_to_batch_dim(self, batch_slice: Any) -> NestedLoopCache:
-        """TransformerLens's batch slice, still a NestedLoopCache."""
-        sliced = super().apply_slice_to_batch_dim(batch_slice)
-        return NestedLoopCache(sliced.cache_dict, self.model, self.n_loops, has_batch_dim=sliced.has_batch_dim)
+    def depth_index(self, iteration: int, layer: int, low_cycle: Optional[int] = None) -> int:
+        """Unrolled depth of layer `layer` of the H stack in H cycle `iteration`, or with
+        `low_cycle=l` of the L stack in L cycle l of that H cycle."""
+        K, L = self.cfg.n_block, self.l_cycles
+        if not (0 <= iteration < self.n_loops and 0 <= layer < K) or not (low_cycle is None or 0 <= low_cycle < L):
+            raise IndexError(f"(iteration={iteration}, low_cycle={low_cycle}, layer={layer}) outside "
+                             f"{self.n_loops} H cycles x {L} L cycles x {K} layers")
+        within = (L if low_cycle is None else low_cycle) * K + layer
+        return iteration * K * (L + 1) + within
+
+    def loop_index(self, depth: int) -> tuple[str, int, Optional[int], int]:
+        """Unrolled depth -> `("low", h, l, layer)` for the L stack in L cycle l of H cycle h, or
+        `("loop", h, None, layer)` for the H stack of H cycle h."""
+        K, L = self.cfg.n_block, self.l_cycles
+        if not 0 <= depth < self.depth:
+            raise IndexError(f"depth {depth} outside the unrolled depth {self.depth}")
+        h, rest = divmod(depth, K * (L + 1))
+        cycle, layer = divmod(rest, K)
+        return ("low", h, cycle, layer) if cycle < L else ("loop", h, None, layer)
+
+    def stack(self, kind: str, low: bool = False) -> Tensor:
+        """One hook kind over the H stack, [n_loops, n_block, ...] ([n_loops, ...] per cycle), or
+        with `low=True` over the L stack, [n_loops, l_cycles, n_block, ...] ([n_loops, l_cycles,
+        ...] for `hook_state_pre`, `hook_state_post` and `ln_state.*`)."""
+        if not low:
+            return super().stack(kind)
+        suffix = _suffix(kind)
+        if suffix.startswith(("hook_injected", "hook_exit")):
+            raise ValueError(f"{kind!r} belongs to the H stack: use cache.stack({kind!r})")
+        per_cycle = suffix.startswith(("hook_state", "ln_state"))
+        K, L = self.cfg.n_block, self.l_cycles
+
+        def one(h: int, cycle: int) -> Tensor:
+            prefix = f"iter.{h}.low.{cycle}"
+            if per_cycle:
+                return self[f"{prefix}.{suffix}"]
+            return torch.stack([self[f"{prefix}.blocks.{k}.{suffix}"] for k in range(K)])
+
+        return torch.stack([torch.stack([one(h, cycle) for cycle in range(L)]) for h in range(self.n_loops)])
+
+    def unrolled_name(self, name: str) -> str:
+        """A nested hook name -> its name on the unrolled depth
+        (`iter.1.low.0.blocks.1.hook_resid_pre` -> `blocks.{depth_index(1, 1, low_cycle=0)}.hook_resid_pre`)."""
+        try:
+            h, cycle, layer, kind = parse_nested_hook_name(name)
+        except ValueError:
+            return name
+        if layer is None:
+            last = f"iter.{self.n_loops - 1}.ln_state."
+            return _FINAL_NORM + name.removeprefix(last) if name.startswith(last) else name
+        return f"blocks.{self.depth_index(h, layer, cycle)}.{kind}"
+
+    def loop_name(self, name: str) -> str:
+        """A name on the unrolled depth (`blocks.{d}.*`, `ln_final.*`) -> the nested hook name."""
+        m = _UNROLLED_RE.fullmatch(name)
+        if m is None:
+            if name.startswith(_FINAL_NORM):
+                return f"iter.{self.n_loops - 1}.ln_state." + name.removeprefix(_FINAL_NORM)
+            return name
+        try:
+            phase, h, cycle, layer = self.loop_index(int(m[1]))
+        except IndexError as e:
+            raise KeyError(f"{name!r}: {e}") from None
+        return f"iter.{h}.low.{cycle}.blocks.{layer}.{m[2]}" if phase == "low" else f"iter.{h}.blocks.{layer}.{m[2]}"
 
 
 class HookedHrmTransformer(HookedLoopedTransformer):
-    """A nested looped transformer (HRM-Text): `n_loops` H cycles of `cfg.l_cycles` L cycles.
+    """A nested looped transformer (HRM-Text): `n_loops` H cycles of `l_cycles` L cycles.
 
     Parameters: `embed`, `blocks` (the H stack), `low_blocks` (the L stack), `z_l_init` (the
     L state's start vector), `unembed`. Hook points per H cycle live in `iter.{h}` (a
     `NestedIterationHooks`), only where something is hooked or cached.
+
+    `l_cycles=` on `forward`, `run_with_cache`, `run_with_hooks` and `hook_names` sets the L
+    cycles per H cycle of that run (default `cfg.l_cycles`), as `n_loops=` sets the H cycles.
     """
 
     iteration_hooks_cls = NestedIterationHooks
@@ -90,6 +156,8 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         if cfg.final_norm or cfg.iter_norm or cfg.norm_after_loop or cfg.exit_gate:
             raise ConfigError("final_norm / iter_norm / norm_after_loop / exit_gate: a nested (HRM) model closes each "
                               "stack with its own parameterless norm and has no exit gate; set them all False")
+        self._l_run = cfg.l_cycles  # L cycles of the run being prepared or executed
+        self._low_capacity = cfg.l_cycles  # L-cycle hook containers in every H-cycle container
         super().__init__(cfg, tokenizer)
         self.low_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_block))
         self.stack_norm = Norm(cfg.d_model, "RMS", cfg.norm_eps, weight=False)  # closes both stacks
@@ -98,23 +166,110 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         self._token_types: Optional[Tensor] = None  # this run's token_type_ids (PrefixLM), set by forward
         self.setup()
 
-    def forward(self, input: Any, n_loops: Optional[int] = None, *, token_type_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
-        """`HookedLoopedTransformer.forward`, plus HRM-Text's PrefixLM mask: with
-        `token_type_ids` [batch, pos] (1 = prefix) and `cfg.extra["prefix_lm"]`, the prefix tokens
-        attend to each other in both directions, all others causally (as transformers does, the
-        ids are ignored with a warning when the checkpoint has `prefix_lm: false`)."""
+    # ------------------------------------------------------------------ L cycles per run
+    @contextmanager
+    def _l_cycles(self, l_cycles: Any) -> Iterator[int]:
+        """Inside, runs use `l_cycles` L cycles per H cycle (None: keep the current setting)."""
+        before = self._l_run
+        if l_cycles is not None:
+            self._l_run = positive_int(l_cycles, "l_cycles")
+            self._grow_low(self._l_run)
+        try:
+            yield self._l_run
+        finally:
+            self._l_run = before
+
+    def _grow_low(self, n: int) -> None:
+        """Give every H-cycle hook container (in use or spare) at least `n` L-cycle containers."""
+        if n <= self._low_capacity:
+            return
+        self._low_capacity = n
+        for container in [*self.iter.values(), *self._spare_hooks]:
+            while len(container.low) < n:
+                container.low.append(LowCycleHooks(self.cfg))
+        if len(self.iter):
+            self.setup()
+
+    def _new_iteration_hooks(self) -> nn.Module:
+        return NestedIterationHooks(self.cfg, l_cycles=self._low_capacity)
+
+    def loop_hook_names(self, iteration: int = 0) -> list[str]:
+        """The hook names of one H cycle of the current run (its L cycles included)."""
+        low = [s.removeprefix("low.0.") for s in self._iter_suffixes if s.startswith("low.0.")]
+        high = [s for s in self._iter_suffixes if not s.startswith("low.") and s != "hook_state_pre"]
+        cycles = [f"low.{cycle}.{s}" for cycle in range(self._l_run) for s in low]
+        return [f"iter.{iteration}.{s}" for s in ["hook_state_pre", *cycles, *high]]
+
+    def hook_names(self, n_loops: Optional[int] = None, l_cycles: Optional[int] = None) -> list[str]:
+        """Every hook name a run with `n_loops` H cycles of `l_cycles` L cycles fires, in order."""
+        with self._l_cycles(l_cycles):
+            return super().hook_names(n_loops)
+
+    def _iterations_named(self, names: Sequence[Any]) -> list[int]:
+        """The H cycles these names refer to (any run length, any L cycle: hook points of L
+        cycles beyond the current ones are created)."""
+        found, deepest = set(), 0
+        for name in names:
+            if not (isinstance(name, str) and name.startswith("iter.")):
+                continue
+            try:
+                h, cycle, layer, kind = parse_nested_hook_name(name)
+            except ValueError:
+                continue
+            template = ".".join([*(["low.0"] if cycle is not None else []), *([f"blocks.{layer}"] if layer is not None else []), kind])
+            if template in self._iter_suffixes:
+                found.add(h)
+                deepest = max(deepest, 0 if cycle is None else cycle + 1)
+        self._grow_low(deepest)
+        return sorted(found)
+
+    def _check_hooks_fire(self, n_loops: int) -> None:
+        super()._check_hooks_fire(n_loops)
+        for it in self.iter.values():
+            for cycle in range(self._l_run, len(it.low)):
+                if _has_hooks(it.low[cycle]):
+                    hooked = next(m.name for m in it.low[cycle].modules()
+                                  if isinstance(m, HookPoint) and (m._forward_hooks or m._backward_hooks))
+                    raise HookNameError(
+                        f"a hook is attached at {hooked}, but this run has l_cycles={self._l_run} (L cycles "
+                        f"0..{self._l_run - 1}): it would not fire. Pass l_cycles=, or remove it with model.reset_hooks()"
+                    )
+
+    def _names_in_run(self, names_filter: Any, n_loops: int) -> set[str]:
+        wanted = super()._names_in_run(names_filter, n_loops)
+        for name in wanted:
+            if ".low." in name:
+                cycle = parse_nested_hook_name(name).low_cycle
+                if cycle >= self._l_run:
+                    raise HookNameError(f"{name!r} is in L cycle {cycle}, but this run has l_cycles={self._l_run}")
+        return wanted
+
+    def _depth(self, n_loops: int) -> int:
+        return self.cfg.depth(n_loops, self._l_run)
+
+    # ------------------------------------------------------------------ the forward pass
+    def forward(self, input: Any, n_loops: Optional[int] = None, *, token_type_ids: Optional[Tensor] = None,
+                l_cycles: Optional[int] = None, **kwargs: Any) -> Any:
+        """`HookedLoopedTransformer.forward`, plus `l_cycles=` (L cycles per H cycle, default
+        `cfg.l_cycles`) and HRM-Text's PrefixLM mask: with `token_type_ids` [batch, pos]
+        (1 = prefix) and `cfg.extra["prefix_lm"]`, the prefix tokens attend to each other in both
+        directions, all others causally (as transformers does, the ids are ignored with a warning
+        when the checkpoint has `prefix_lm: false`)."""
         if token_type_ids is not None and not self.cfg.extra.get("prefix_lm", False):
             warnings.warn("token_type_ids given, but this checkpoint has prefix_lm=False: ignoring them", stacklevel=2)
             token_type_ids = None
         self._token_types = token_type_ids
         try:
-            return super().forward(input, n_loops, **kwargs)
+            with self._l_cycles(l_cycles):
+                return super().forward(input, n_loops, **kwargs)
         finally:
             self._token_types = None
 
     def _prepare(self, input: Any, *args: Any, **kwargs: Any) -> _Run:
-        """The base checks, then the PrefixLM pattern [batch, pos, pos] when token_type_ids were given."""
+        """The base checks, then the run's L cycles, and the PrefixLM pattern [batch, pos, pos]
+        when token_type_ids were given."""
         run = super()._prepare(input, *args, **kwargs)
+        run.l_cycles = self._l_run
         tt = getattr(self, "_token_types", None)
         if tt is not None:
             B, S = run.tokens.shape
@@ -134,7 +289,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     def _loop(
         self, s: Float[Tensor, "batch pos d_model"], e: Float[Tensor, "batch pos d_model"], run: _Run
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """`n_loops` H cycles, each `cfg.l_cycles` L cycles then one H stack pass. Returns the last
+        """`n_loops` H cycles, each `run.l_cycles` L cycles then one H stack pass. Returns the last
         z_H, and every z_H when the exit needs them (no gate logits)."""
         keep = run.exit != "last"
         states: list[Tensor] = []
@@ -142,8 +297,8 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         for h in range(run.n_loops):
             it = self._iteration_hooks(h)
             s = it.hook_state_pre(s)
-            for lc in range(self.cfg.l_cycles):
-                low = it.low[lc]
+            for cycle in range(run.l_cycles):
+                low = it.low[cycle]
                 x = low.hook_state_pre(z_l + s)
                 for k, blk in enumerate(self.low_blocks):
                     x = run.layer(blk, low.blocks[k], x)
@@ -156,18 +311,19 @@ class HookedHrmTransformer(HookedLoopedTransformer):
                 states.append(s)
         return s, states, []
 
-    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, NestedLoopCache]:
-        """`HookedLoopedTransformer.run_with_cache`, returning a NestedLoopCache."""
-        out, cache = super().run_with_cache(*model_args, **kwargs)
-        return out, NestedLoopCache(cache.cache_dict, self, cache.n_loops, has_batch_dim=cache.has_batch_dim)
+    # ------------------------------------------------------------------ TransformerLens run methods
+    def run_with_cache(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> tuple[Any, NestedLoopCache]:
+        """`HookedLoopedTransformer.run_with_cache` (with `l_cycles=`), returning a NestedLoopCache."""
+        with self._l_cycles(l_cycles) as L:
+            out, cache = super().run_with_cache(*model_args, **kwargs)
+        return out, NestedLoopCache(cache.cache_dict, self, cache.n_loops, has_batch_dim=cache.has_batch_dim, l_cycles=L)
+
+    def run_with_hooks(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> Any:
+        """TransformerLens's `run_with_hooks`, with `l_cycles=` (hooks may name any L cycle the run has)."""
+        with self._l_cycles(l_cycles):
+            return super().run_with_hooks(*model_args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Refused (ValueError): loop_lens's KV-cache generation runs a single-timescale loop."""
         raise ValueError("model.generate does not run the nested (HRM) loop yet; call the model on the growing "
                          "token sequence instead")
-
-    def save(self, directory: Union[str, Path], overwrite: bool = False) -> Path:
-        """Refused: the native format does not record the nested layout yet (reload the
-        transformers checkpoint with `ll.load` instead)."""
-        raise SaveError(f"cannot save {directory}: HRM (nested-loop) models have no native format in loop_lens yet; "
-                        "keep the transformers checkpoint and load it with ll.load")

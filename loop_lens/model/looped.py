@@ -71,6 +71,7 @@ class _Run:
     stop_at_layer: Optional[int]
     depth: int = 0
     allowed: Optional[Tensor] = None
+    l_cycles: int = 0  # L cycles per H cycle of a nested (HRM) loop; 0 for a single-timescale loop
     """[batch, query, key] pairs attention may use, when it is not causal-with-padding (`mask`),
     e.g. HRM-Text's PrefixLM block."""
 
@@ -215,9 +216,13 @@ class HookedLoopedTransformer(HookedRootModule):
     def _materialise(self, iterations: Any) -> None:
         missing = [t for t in iterations if str(t) not in self.iter]
         for t in missing:
-            self.iter[str(t)] = self._spare_hooks.pop() if self._spare_hooks else self.iteration_hooks_cls(self.cfg)
+            self.iter[str(t)] = self._spare_hooks.pop() if self._spare_hooks else self._new_iteration_hooks()
         if missing:
             self.setup()
+
+    def _new_iteration_hooks(self) -> nn.Module:
+        """A fresh hook container for one iteration."""
+        return self.iteration_hooks_cls(self.cfg)
 
     def _release(self) -> None:
         """Drop the hook points of iterations where nothing is attached any more (keeping a few
@@ -423,7 +428,7 @@ class HookedLoopedTransformer(HookedRootModule):
             self._warned_long_input = True
             warnings.warn(f"input of {S} tokens is longer than n_ctx={cfg.n_ctx}: the model was not trained on "
                           "sequences this long", stacklevel=3)
-        depth = cfg.depth(T)
+        depth = self._depth(T)
         if stop_at_layer is not None:
             if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, numbers.Integral):
                 raise ValueError(f"stop_at_layer must be an integer, got {stop_at_layer!r}")
@@ -434,6 +439,10 @@ class HookedLoopedTransformer(HookedRootModule):
         self._attach_filter_hooks(T)
         rope = self.rotary(S, tokens.device) if self.rotary is not None else None
         return _Run(tokens, T, self._resolve_exit(exit, T, return_type), mask, self.rotary, rope, stop_at_layer)
+
+    def _depth(self, n_loops: int) -> int:
+        """The unrolled depth of a run of `n_loops` iterations."""
+        return self.cfg.depth(n_loops)
 
     @staticmethod
     def _check_start(seed: Any, generator: Any, initial_state: Any, shape: tuple[int, int, int]) -> None:
@@ -701,7 +710,11 @@ class HookedLoopedTransformer(HookedRootModule):
         run raises HookNameError.
         """
         T = self._loops_of(model_args, kwargs)
-        wanted = self._names_in_run(names_filter, T)
+        try:
+            wanted = self._names_in_run(names_filter, T)
+        except Exception:
+            self._release()  # drop the hook points made for a filter that was then refused
+            raise
         if not wanted:
             warnings.warn(f"names_filter {names_filter!r} matches no hook point of this run: the cache is empty", stacklevel=2)
         out, cache_dict = super().run_with_cache(*model_args, names_filter=wanted.__contains__, **kwargs)
