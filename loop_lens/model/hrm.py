@@ -18,6 +18,7 @@ H cycle, `stop_at_layer` over the unrolled depth) is `HookedLoopedTransformer`'s
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -110,6 +111,24 @@ class NestedLoopCache(LoopCache):
             return torch.stack([self[f"{prefix}.blocks.{k}.{suffix}"] for k in range(K)])
 
         return torch.stack([torch.stack([one(h, cycle) for cycle in range(L)]) for h in range(self.n_loops)])
+
+    def low_view(self) -> LoopCache:
+        """The L stack's traversals as a single-timescale LoopCache of a `LowStackModel`:
+        iteration i is L cycle `i % l_cycles` of H cycle `i // l_cycles` (`iter.{h}.low.{l}.*`
+        becomes `iter.{h * l_cycles + l}.*`), so `step_sizes`, `fixed_points`,
+        `attention_stability`, `logit_lens` and the rest measure the L stack over every L cycle
+        in running order (pass `cache.low_view().model` as their model). Names outside the loop
+        (the embedding) are kept, the H stack's left out. The cache itself is the H stack's view."""
+        L = self.l_cycles
+        renamed: dict[str, Tensor] = {}
+        for name, value in self.cache_dict.items():
+            if not name.startswith("iter."):
+                renamed[name] = value
+                continue
+            h, cycle, layer, kind = parse_nested_hook_name(name)
+            if cycle is not None:
+                renamed[f"iter.{h * L + cycle}." + (f"blocks.{layer}." if layer is not None else "") + kind] = value
+        return LoopCache(renamed, LowStackModel(self.model), self.n_loops * L, has_batch_dim=self.has_batch_dim)
 
     def unrolled_name(self, name: str) -> str:
         """A nested hook name -> its name on the unrolled depth
@@ -327,3 +346,54 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         """Refused (ValueError): loop_lens's KV-cache generation runs a single-timescale loop."""
         raise ValueError("model.generate does not run the nested (HRM) loop yet; call the model on the growing "
                          "token sequence instead")
+
+
+class LowStackModel:
+    """The L stack of a nested (HRM) model seen as a single-timescale looped model, for the
+    analyses: its block is the L stack (`blocks` = the model's `low_blocks`), its iterations are
+    the L cycles in running order, and a state is read as the model reads z_H (`finish`: the
+    unembedding; the logit lens: the parameterless norm, then the unembedding). Its config is the
+    model's with `l_cycles=0` and " [L stack]" added to the name, so an analysis given the real
+    model with an L-stack cache (or the reverse) refuses instead of mixing the stacks' weights.
+    Made by `NestedLoopCache.low_view()`; it reads caches and does not run."""
+
+    def __init__(self, model: HookedHrmTransformer):
+        self.model = model
+        self.cfg = dataclasses.replace(model.cfg, l_cycles=0, model_name=f"{model.cfg.model_name} [L stack]")
+        self.tokenizer = model.tokenizer
+        self.blocks = model.low_blocks
+        self.prelude_blocks, self.coda_blocks = nn.ModuleList(), nn.ModuleList()
+        self.unembed, self.ln_final = model.unembed, model.ln_final
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def W_U(self) -> Tensor:
+        return self.model.W_U
+
+    def finish(self, state: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Logits read from an L-stack state as from z_H: the unembedding of the (normed) state."""
+        return self.model.finish(state, attention_mask)
+
+    def hook_names(self, n_loops: Optional[int] = None) -> list[str]:
+        """The names of the view: `iter.{i}.*` for L traversal i (running order), as an L cycle's."""
+        low = [s.removeprefix("low.0.") for s in self.model._iter_suffixes if s.startswith("low.0.")]
+        return [f"iter.{i}.{s}" for i in range(n_loops or 0) for s in low]
+
+    def tokenize(self, text: Any) -> tuple[Tensor, Tensor]:
+        return self.model.tokenize(text)
+
+    def to_str_tokens(self, text_or_tokens: Any) -> list[str]:
+        return self.model.to_str_tokens(text_or_tokens)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("run_with_cache", "run_with_hooks", "hooks", "ensure_loops", "forward", "generate"):
+            raise TypeError(f"the L-stack view reads caches and does not run: call {name} on the model itself "
+                            "(run_with_cache(..., l_cycles=) and cache.low_view() again)")
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
