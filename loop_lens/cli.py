@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 DEFAULT_MODEL = "zoo:tiny-random"
 
@@ -62,6 +62,16 @@ def _convert(args: argparse.Namespace) -> int:
     model.save(dst, overwrite=args.force)
     print(f"wrote {model.cfg.family} model {model.cfg.layout} to {dst}")
     return 0
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _dtype(name: Optional[str]) -> Any:
+    """A --dtype choice as a torch dtype (None: the checkpoint's own)."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
 
 
 def _checkpoint_dir(spec: str) -> Optional[Path]:
@@ -159,7 +169,7 @@ def _report(args: argparse.Namespace) -> int:
     n_loops = check_n_loops(args.n_loops, 1)
     _check_outputs(args)
     prompts = _read_prompts(args.prompts, args.prompts_file)
-    model = ll.load(args.model, family=args.family)
+    model = ll.load(args.model, family=args.family, dtype=_dtype(args.dtype))
     if model.tokenizer is None:
         raise LoadError(f"{args.model} carries no tokenizer (tokenizer.json); the report needs text prompts it can tokenize")
     length = int(model.tokenize(prompts[:1])[1].sum())
@@ -169,7 +179,8 @@ def _report(args: argparse.Namespace) -> int:
     command = "loop-lens " + " ".join(shlex.quote(a) for a in args.argv)
     report = build_report(model, prompts, n_loops=n_loops if args.n_loops is not None else None, model_name=args.model,
                           command=command, position=args.position, seed=args.seed, progress=not args.quiet,
-                          corrupt=args.corrupt, generate=args.generate, adaptive=args.adaptive, threshold=args.threshold)
+                          corrupt=args.corrupt, generate=args.generate, adaptive=args.adaptive, threshold=args.threshold,
+                          l_cycles=args.l_cycles)
     report.save(Path(args.out), json_path=args.json)
     print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
     return 0
@@ -193,7 +204,6 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     """`loop-lens sweep`: per-prompt streaming analyses into a Parquet table (sharded under torchrun)."""
-    import torch
 
     from loop_lens.checks import positive_int
     from loop_lens.sweep import TABLE, run_sweep
@@ -201,10 +211,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.n_loops is not None:
         positive_int(args.n_loops, "--n-loops")
     prompts = _read_prompts(None, args.prompts)
-    dtype = None if args.dtype is None else {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                                              "float32": torch.float32}[args.dtype]
     result = run_sweep(args.model, prompts, args.n_loops, args.out, batch_size=args.batch_size, seed=args.seed,
-                       lens=args.lens, family=args.family, dtype=dtype, overwrite=args.force, progress=not args.quiet)
+                       lens=args.lens, family=args.family, dtype=_dtype(args.dtype), overwrite=args.force,
+                       progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         run = result.summary["run"]
         print(f"wrote {Path(args.out) / TABLE}: {run['n_rows']:,} rows, {run['n_prompts']} prompts, "
@@ -285,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the iterations each used")
     p.add_argument("--adaptive", default=None, choices=["kl", "entropy", "argmax", "gate"], help="exit criterion for --generate")
     p.add_argument("--threshold", type=float, default=None, help="threshold of the --adaptive criterion")
+    p.add_argument("--l-cycles", type=int, default=None, help="nested (HRM) models: L cycles per H cycle "
+                   "(default: the model's own; --n-loops sets the H cycles)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="load the weights in this dtype "
+                   "(default: the checkpoint's)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("sweep", help="streaming analyses of every prompt of a file into one Parquet table "
@@ -296,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for random initial states (per prompt)")
     p.add_argument("--lens", choices=("logit", "coda"), default="logit", help="lens for the per-iteration answer")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None, help="load the weights in this dtype")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
     p.add_argument("--family", default=None, help="override family detection")
     p.add_argument("--force", action="store_true", help="replace a finished sweep with other settings in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from loop_lens.analysis.attention import attention_stability
 from loop_lens.analysis.fixed_points import cyclic_similarity, fixed_points, step_sizes
+from loop_lens.analysis.hierarchical import hierarchical_convergence
 from loop_lens.analysis.stages import logit_lens
 from loop_lens.analysis.trajectory import pca_trajectory
-from loop_lens.checks import check_n_loops, integer
+from loop_lens.checks import check_n_loops, integer, positive_int
 from loop_lens.files import write_text_atomic
 from loop_lens.patching import activation_patch
 from loop_lens.viz import AttentionView, circuitsvis_bundle, figure_html, parts, plotly_bundle, templates
@@ -148,6 +149,7 @@ def build_report(
     generate: int = 0,
     adaptive: Optional[str] = None,
     threshold: Optional[float] = None,
+    l_cycles: Optional[int] = None,
 ) -> Report:
     """Run the model on the prompts (one batch, right-padded) and assemble every section.
 
@@ -155,9 +157,19 @@ def build_report(
     patching of every (iteration, layer, position) residual from prompt 0 into the corrupted run,
     with the logit difference between the two runs' answers as the metric; `generate=N` adds N
     generated tokens after prompt 0 with the iterations each used (`adaptive=` / `threshold=`
-    pick an exit criterion, as `model.generate`)."""
+    pick an exit criterion, as `model.generate`).
+
+    A nested (HRM) model's report reads the H stack (one iteration per H cycle; `l_cycles=` sets
+    the L cycles per H cycle) and adds the hierarchical-convergence picture and the L stack's
+    convergence and head stability (one iteration per L cycle, in running order)."""
     cfg = model.cfg
     T = check_n_loops(n_loops, model.cfg.default_loops)
+    nested = cfg.l_cycles > 0
+    if l_cycles is not None and not nested:
+        raise ValueError("l_cycles= sets the L cycles of a nested (HRM) model; this model has a single loop")
+    run_kwargs = {"l_cycles": positive_int(l_cycles, "l_cycles")} if l_cycles is not None else {}
+    if nested and (corrupt is not None or generate):
+        raise ValueError("corrupt= and generate= are not available for nested (HRM) models yet")
     position = integer(position, "position")
     seed = integer(seed, "seed")
     if isinstance(prompts, torch.Tensor):
@@ -196,7 +208,7 @@ def build_report(
     steps_bar = tqdm(total=7, desc="report", disable=not progress)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, n_loops=T, attention_mask=mask, seed=seed,
-                                        names_filter=lambda n: n.endswith(REPORT_HOOKS))
+                                        names_filter=lambda n: n.endswith(REPORT_HOOKS), **run_kwargs)
     steps_bar.update()
     m = mask if not bool(mask.all()) else None
     steps = step_sizes(cache, mask=m)
@@ -232,29 +244,32 @@ def build_report(
     }
     block = parts()
     report = Report(meta)
-    report.sections.append(("Layout", block.layout(cfg, T)))
+    extra: dict[str, Any] = {}
+    stack = "H stack: " if nested else ""  # a nested model's sections below read the H stack unless they say L
+    report.sections.append(("Layout", block.layout(cfg, T, getattr(cache, "l_cycles", 0))))
     conv_text = ", ".join(f"layer {i}: {'never' if c < 0 else c}" for i, c in enumerate(conv.max(dim=1).values.tolist()))
-    report.sections.append(("Convergence of each block layer", figure_html(steps.plot()) + block.note(
+    report.sections.append((f"{stack}Convergence of each block layer", figure_html(steps.plot()) + block.note(
         "Relative step ||X_t - X_(t-1)|| / ||X_t|| per layer (mean over prompts). Convergence iteration (relative "
         f"step stays below {convergence_tol:g}): {conv_text}.")))
-    report.sections.append(("Fixed-point cosine matrix", figure_html(fp.plot_layer_cosine()) + block.note(
+    if nested:
+        extra.update(_nested_sections(report, cache, tokens, m, stabilisation_tol, convergence_tol))
+    report.sections.append((f"{stack}Fixed-point cosine matrix", figure_html(fp.plot_layer_cosine()) + block.note(
         f"cos(X*_i, X*_j) with X* = the last iteration; min = {fp.min_layer_cosine:.4f} "
         f"({'degenerate: one shared point' if fp.degenerate() else 'distinct fixed points per layer'}).")))
-    report.sections.append(("Cyclic similarity of residual streams", figure_html(sim.plot())))
-    report.sections.append(("Head stability", _table_html(table, "ll-head-table", sortable=True) + block.note(
+    report.sections.append((f"{stack}Cyclic similarity of residual streams", figure_html(sim.plot())))
+    report.sections.append((f"{stack}Head stability", _table_html(table, "ll-head-table", sortable=True) + block.note(
         "Click a column to sort. Stabilisation iteration: first t after which the Frobenius change of the pattern "
         f"stays below {stabilisation_tol:g} (median over prompts; – = never). Head type, concentration (ColSum), "
         "sink score and mixing at the last iteration. kappa = ||W_Q W_K^T||_2, the constant of the paper's bound "
         "tying pattern change to the residual step.")))
-    report.sections.append(("Attention per head and iteration", view.html(include_bundle=False)
+    report.sections.append((f"{stack}Attention per head and iteration", view.html(include_bundle=False)
                             + (block.note(view_note) if view_note else "")))
-    report.sections.append((f"{lens_name.capitalize()} lens at position {pos}", block.note(
+    report.sections.append((f"{stack}{lens_name.capitalize()} lens at position {pos}", block.note(
         f"The model predicts {_token_text(model, answer_id)!r} (p = {answer_prob:.3f}) at position {pos} after {T} "
         f"iterations. Each cell reads one (iteration, layer) output through the {lens_name} lens"
         + (" (the rest of the network: post-loop norm, coda, final norm, unembedding)." if lens_name == "coda" else
            " (final norm and unembedding).")) + figure_html(lens.plot(position=pos)) + _table_html(lens.grid(position=pos), index="")))
-    report.sections.append((f"PCA trajectory of position {pos}", figure_html(traj.plot(dims=2))))
-    extra: dict[str, Any] = {}
+    report.sections.append((f"{stack}PCA trajectory of position {pos}", figure_html(traj.plot(dims=2))))
     if corrupt_tokens is not None:
         patched = _patching_section(model, tokens[:1, :length0], corrupt_tokens, T, seed)
         report.sections.append(("Activation patching: where is the answer decided?", figure_html(patched.result.plot()) +
@@ -284,6 +299,36 @@ def build_report(
         **extra,
     }
     return report
+
+
+def _nested_sections(report: Report, cache: Any, tokens: Tensor, mask: Optional[Tensor], stabilisation_tol: float,
+                     convergence_tol: float) -> dict[str, Any]:
+    """A nested (HRM) model's own sections: the hierarchical-convergence picture, and the L
+    stack's convergence and head stability over every L cycle in running order. Returns their
+    numbers."""
+    block = parts()
+    hc = hierarchical_convergence(cache, mask=mask)
+    low = cache.low_view()
+    low_steps = step_sizes(low, mask=mask)
+    low_table = attention_stability(low.model, low, tokens, mask=mask).table(tol=stabilisation_tol)
+    L = cache.l_cycles
+    report.sections.append(("Hierarchical convergence: z_L and z_H", figure_html(hc.plot()) + block.note(
+        f"Relative step of z_L between consecutive L cycles in running order ({L} per H cycle; the first of each "
+        "H cycle is measured against the last z_L of the previous one, so a reset when H moves shows as a jump) "
+        "and of z_H between consecutive H cycles.")))
+    conv = low_steps.convergence_iteration(convergence_tol)
+    conv_text = ", ".join(f"layer {i}: {'never' if c < 0 else c}" for i, c in enumerate(conv.max(dim=1).values.tolist()))
+    report.sections.append(("L stack: convergence of each layer across L cycles", figure_html(low_steps.plot()) + block.note(
+        f"Iteration i is L cycle i mod {L} of H cycle i div {L}. Convergence iteration (relative step stays "
+        f"below {convergence_tol:g}): {conv_text}.")))
+    report.sections.append(("L stack: head stability", _table_html(low_table, "ll-low-head-table", sortable=True) + block.note(
+        "As the H stack's table, over the L stack's traversals in running order; kappa from the L stack's weights.")))
+    return {
+        "hierarchical": {"h_relative": hc.h_relative.nanmean(-1), "l_relative": hc.l_relative.nanmean(-1)},
+        "low_step_sizes": {"relative": low_steps.relative.mean(-1), "convergence_iteration": conv},
+        "low_head_stability": low_table.to_dict(orient="records"),
+        "l_cycles": L,
+    }
 
 
 def _token_text(model: Any, token_id: int) -> str:

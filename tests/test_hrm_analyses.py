@@ -121,3 +121,40 @@ def test_stacks_cannot_be_mixed_up(run):
         A.logit_lens(low.model, cache)
     with pytest.raises(TypeError, match="does not run"):
         low.model.run_with_cache(tokens)
+
+
+def test_report_for_a_nested_model(run, tmp_path):
+    """The report reads the H stack and adds the hierarchical picture and the L stack's sections;
+    its numbers equal values computed here from a run with the same L cycles."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from loop_lens.cli import main
+    from loop_lens.report import build_report
+
+    model, tokens, _, _ = run
+    report = build_report(model, tokens, n_loops=2, l_cycles=3, progress=False)
+    titles = [t for t, _ in report.sections]
+    assert {"Hierarchical convergence: z_L and z_H", "L stack: convergence of each layer across L cycles",
+            "L stack: head stability", "H stack: Head stability"} <= set(titles)
+    assert report.numbers["l_cycles"] == 3 and len(report.numbers["low_head_stability"]) == K * model.cfg.n_heads
+    _, cache = model.run_with_cache(tokens, n_loops=2, l_cycles=3)
+    z_l = [cache[f"iter.{h}.low.{l}.hook_state_post"] for h in range(2) for l in range(3)]
+    for i in range(1, 6):  # every L step in running order, mean over the batch
+        assert report.numbers["hierarchical"]["l_relative"].reshape(-1)[i].item() == pytest.approx(
+            _relative(z_l[i], z_l[i - 1]).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="not available for nested"):
+        build_report(model, tokens, generate=2, progress=False)
+
+    # the command line: --l-cycles reaches the run, and a single-loop model refuses it
+    folder = tmp_path / "hrm"
+    model.tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    model.tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model.save(folder)
+    model.tokenizer = None
+    out, numbers = tmp_path / "r.html", tmp_path / "r.json"
+    assert main(["report", str(folder), "--prompts", "w3 w9 w4 w1 w5", "--n-loops", "2", "--l-cycles", "4", "--out", str(out),
+                 "--json", str(numbers), "--quiet"]) == 0
+    assert json.loads(numbers.read_text())["l_cycles"] == 4 and "Hierarchical convergence" in out.read_text()
+    assert main(["report", "zoo:tiny-random", "--prompts", "ab", "--l-cycles", "2", "--out", str(out), "--quiet"]) == 1
