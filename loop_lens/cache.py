@@ -88,7 +88,7 @@ class LoopCache(ActivationCache):
             if key.startswith(("iter.", "prelude.", "coda.")):
                 if key not in self._hook_names():
                     raise KeyError(f"{key!r} is not in this cache: no such hook point in this run of the model "
-                                   f"(n_loops={self.n_loops}; model.hook_names(T) lists them)")
+                                   f"({self._run_label()}; model.hook_names(T) lists them)")
                 raise KeyError(f"{key!r} is not in this cache; was it excluded by names_filter?")
             name = get_act_name(key)
         else:
@@ -117,6 +117,10 @@ class LoopCache(ActivationCache):
     def _hook_names(self) -> list[str]:
         """Every hook name the cached run fired."""
         return self.model.hook_names(self.n_loops)
+
+    def _run_label(self) -> str:
+        """How the cached run's length reads in messages."""
+        return f"n_loops={self.n_loops}"
 
     def _like(self, cache_dict: dict[str, Tensor], has_batch_dim: bool) -> LoopCache:
         """A cache of the same run (same class and iterations) holding `cache_dict`."""
@@ -259,7 +263,7 @@ class UnrolledCache(ActivationCache):
                 f"norm_placement={c.norm_placement!r} normalises each sublayer's output, so head and "
                 "neuron results do not sum to attn_out / mlp_out"
             )
-        if c.injection != "none":
+        if c.injection != "none" and not self.model.l_cycles:
             breaks.append(f"injection={c.injection!r} recombines the state with the embedding at every iteration")
         if c.initial_state != "embed":
             breaks.append(
@@ -346,7 +350,7 @@ class UnrolledView:
     `l_cycles` > 0: each H cycle runs the L stack `l_cycles` times, then the H stack, and the
     norm closing the H stack is the final norm."""
 
-    def __init__(self, model: HookedLoopedTransformer, n_loops: int, l_cycles: int = 0):
+    def __init__(self, model: HookedLoopedTransformer, n_loops: int, l_cycles: int = 0, final: Optional[nn.Module] = None):
         c = model.cfg
         self.model = model
         self.loop_cfg = c
@@ -373,7 +377,9 @@ class UnrolledView:
         else:
             self.blocks = prelude + block * n_loops + coda
             self.has_final_norm = c.final_norm or (c.iter_norm and c.n_coda == 0)
-            final = model.ln_final if self.has_final_norm else None
+            final = final if final is not None else model.ln_final if self.has_final_norm else None
+        if final is not None:  # a view that names its own final norm (an HRM L-stack view: the stack's closing norm)
+            self.has_final_norm = True
         self.ln_final = _FinalNorm(final)
         self.unembed = model.unembed
 

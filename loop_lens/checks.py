@@ -31,3 +31,12 @@ def positive_int(value: Any, name: str) -> int:
 def check_n_loops(n_loops: Any, default: int) -> int:
     """`n_loops` as a positive int, or `default` when it is None."""
     return default if n_loops is None else positive_int(n_loops, "n_loops")
+
+
+def single_loop(model: Any, what: str) -> None:
+    """Refuse a nested (HRM) model where `what` runs or reads a single-timescale loop only
+    (ValueError naming `what` and what to use instead)."""
+    if getattr(getattr(model, "cfg", None), "l_cycles", 0):
+        raise ValueError(f"{what} runs a single-timescale loop and is not available for nested (HRM) models yet: "
+                         "run the model with run_with_cache / run_with_hooks and analyse the cache "
+                         "(cache.low_view() for the L stack)")

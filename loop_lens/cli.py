@@ -162,11 +162,13 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     import loop_lens as ll
-    from loop_lens.checks import check_n_loops
+    from loop_lens.checks import check_n_loops, positive_int
     from loop_lens.errors import LoadError
     from loop_lens.report import build_report
 
     n_loops = check_n_loops(args.n_loops, 1)
+    if args.l_cycles is not None:
+        positive_int(args.l_cycles, "--l-cycles")
     _check_outputs(args)
     prompts = _read_prompts(args.prompts, args.prompts_file)
     model = ll.load(args.model, family=args.family, dtype=_dtype(args.dtype))

@@ -251,8 +251,9 @@ class LoopConfig:
 
     @property
     def layout(self) -> str:
-        """The paper's notation `(p, k x T, c)`."""
-        return f"({self.n_prelude}, {self.n_block} x {self.default_loops}, {self.n_coda})"
+        """The paper's notation `(p, k x T, c)`; a nested (HRM) loop adds its L cycles per H cycle."""
+        nested = f", L stack {self.n_block} x {self.l_cycles} per H cycle" if self.l_cycles else ""
+        return f"({self.n_prelude}, {self.n_block} x {self.default_loops}, {self.n_coda}{nested})"
 
     @property
     def attn_scale(self) -> float:

@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from loop_lens.analysis.lens import get_lens, vocab_labels
-from loop_lens.checks import check_n_loops, integer, positive_int
+from loop_lens.checks import check_n_loops, integer, positive_int, single_loop
 from loop_lens.result import Result
 
 Metric = Callable[[Tensor], Tensor]
@@ -402,6 +402,7 @@ def activation_patch(
         batch_size: rows per forward (at least one patched run per forward).
         exit: the model's `exit=` for every run (None: its default).
     """
+    single_loop(model, "activation_patch")
     batch_size = positive_int(batch_size, "batch_size")
     plan = _plan(model, clean, corrupt, site, n_loops, seed, positions, exit)
     site, T, clean_tokens, corrupt_tokens, pos, seed, run, sites, shapes, names = plan
@@ -461,6 +462,7 @@ def attribution_patch(
     `metric(corrupt) + sum_d (a_clean - a_corrupt) * d metric / d a_corrupt` per site (summed over
     the prompts too, and for "head" over the positions). Same arguments, sites and shapes as
     `activation_patch`; `metric` must be differentiable."""
+    single_loop(model, "attribution_patch")
     plan = _plan(model, clean, corrupt, site, n_loops, seed, positions, exit)
     site, T, clean_tokens, corrupt_tokens, pos, seed, run, sites, shapes, names = plan
     store: dict[str, dict[str, Tensor]] = {"clean": {}, "corrupt": {}}
@@ -553,6 +555,7 @@ def intervene(
     """One run with one intervention at `iteration`: "skip" (the state passes through that
     iteration unchanged), "freeze_after" (every later iteration passes the state through), or
     "drop_injection" (that iteration's injection sees a zero input, `injection(s, 0)`)."""
+    single_loop(model, "intervene")
     if kind not in INTERVENTIONS:
         raise ValueError(f"kind must be one of {list(INTERVENTIONS)}, got {kind!r}")
     T = check_n_loops(n_loops, model.cfg.default_loops)
@@ -580,6 +583,7 @@ def transplant(
     """The state leaving iteration `source_iteration` of a run on `source` enters iteration
     `target_iteration` of a run on `target` (the same shape; they may be the same prompt); both
     runs have `n_loops` iterations. Returns the target run's logits and metric."""
+    single_loop(model, "transplant")
     T = check_n_loops(n_loops, model.cfg.default_loops)
     src_t, dst_t = integer(source_iteration, "source_iteration"), integer(target_iteration, "target_iteration")
     for name, value in (("source_iteration", src_t), ("target_iteration", dst_t)):
@@ -634,6 +638,7 @@ def intervention_sweep(
     exit: Union[None, str, int] = None,
 ) -> InterventionSweep:
     """`intervene` at every iteration t in turn (one forward each)."""
+    single_loop(model, "intervention_sweep")
     T = check_n_loops(n_loops, model.cfg.default_loops)
     toks = _tokens(model, tokens, "tokens")
     with torch.no_grad():
@@ -698,6 +703,7 @@ def answer_flips(
 ) -> AnswerFlips:
     """Answer flips of the lens ("coda" or "logit", or a Lens) of the state leaving each iteration,
     for every prompt of `tokens` [batch, pos] at `positions` (default: the last)."""
+    single_loop(model, "answer_flips")
     T = check_n_loops(n_loops, model.cfg.default_loops)
     toks = _tokens(model, tokens, "tokens")
     S = toks.shape[1]
@@ -756,6 +762,7 @@ def exit_distribution(
     """The exit gate's distribution over iterations per token (models with an exit gate), its
     expected exit step, entropy and the iteration where the cumulative probability reaches
     `threshold` (default: the model's `early_exit_threshold`)."""
+    single_loop(model, "exit_distribution")
     if model.exit_gate is None:
         raise ValueError("exit_distribution needs a model with an exit gate (Ouro); this model has none")
     T = check_n_loops(n_loops, model.cfg.default_loops)
@@ -831,6 +838,7 @@ def gate_attribution(model: Any, tokens: Any, n_loops: Optional[int] = None) -> 
     """Direct attribution of the exit gate's logit at each iteration onto the components that write
     the state it reads ("which heads drive halting"). Models with an exit gate whose layers add
     their outputs to the residual stream (`norm_placement` "pre" or "sandwich", as Ouro)."""
+    single_loop(model, "gate_attribution")
     cfg = model.cfg
     if model.exit_gate is None:
         raise ValueError("gate_attribution needs a model with an exit gate (Ouro); this model has none")

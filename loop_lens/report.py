@@ -233,7 +233,8 @@ def build_report(
         "command": command or "(Python) loop_lens.report.build_report",
         "model": model_name or cfg.model_name,
         "family": cfg.family,
-        "layout": f"{cfg.layout}  (run with n_loops = {T})",
+        "layout": f"{cfg.layout}  (run with n_loops = {T}"
+                  + (f", l_cycles = {cache.l_cycles})" if nested else ")"),
         "prompts": " | ".join(prompt_text)[:2000],
         "seed": seed,
         "loop_lens": package_version("loop-lens"),

@@ -220,6 +220,12 @@ def test_stop_at_layer_at_the_full_depth_returns_the_final_residual(tokens):
     huginn = tiny_model("huginn")
     _, hc = huginn.run_with_cache(tokens, n_loops=2, seed=0)
     torch.testing.assert_close(huginn(tokens, n_loops=2, seed=0, stop_at_layer=huginn.cfg.depth(2)), hc["coda.0.hook_resid_post"])
+    # Ouro: no coda, the final norm runs inside the last iteration; the full depth stops before it
+    ouro = tiny_model("ouro", n_prelude=0, n_coda=0)
+    _, oc = ouro.run_with_cache(tokens, n_loops=3)
+    full = ouro(tokens, n_loops=3, stop_at_layer=ouro.cfg.depth(3))
+    torch.testing.assert_close(full, oc[f"iter.2.blocks.{ouro.cfg.n_block - 1}.hook_resid_post"])
+    torch.testing.assert_close(full, oc.accumulated_resid()[-1])
 
 
 @pytest.mark.parametrize("n", [np.int64(4), np.int32(2), torch.tensor(3)])

@@ -52,6 +52,19 @@ def test_values_equal_an_independent_computation(tmp_path):
             for i in range(1, H * L):  # the first L cycle of h against the last z_L of h - 1
                 h, l = divmod(i, L)
                 assert result.l_relative[h, l, b].item() == pytest.approx(_relative(z_l[i], z_l[i - 1], real), rel=1e-5)
+        # fixed points on both timescales: each z_L against its own H cycle's last z_L, z_H against the last z_H
+        for b in range(2):
+            real = torch.ones(tokens.shape[1], dtype=torch.bool) if m is None else m[b].bool()
+            for h in range(H):
+                end_l = cache[f"iter.{h}.low.{L - 1}.hook_state_post"][b]
+                for l in range(L):
+                    want = float(torch.linalg.norm((cache[f"iter.{h}.low.{l}.hook_state_post"][b] - end_l)[real].double())
+                                 / torch.linalg.norm(end_l[real].double()))
+                    assert result.l_to_end[h, l, b].item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+                end_h = cache[f"iter.{H - 1}.hook_state_post"][b]
+                want = float(torch.linalg.norm((cache[f"iter.{h}.hook_state_post"][b] - end_h)[real].double())
+                             / torch.linalg.norm(end_h[real].double()))
+                assert result.h_to_end[h, b].item() == pytest.approx(want, rel=1e-5, abs=1e-7)
     # a runtime l_cycles: the analysis follows the run, not the checkpoint
     _, other = model.run_with_cache(tokens, n_loops=2, l_cycles=6, names_filter=lambda n: n.endswith("hook_state_post"))
     steps = hierarchical_convergence(other)
@@ -104,10 +117,12 @@ def test_frame_and_plot(tmp_path):
     _, cache = model.run_with_cache(_tokens(), names_filter=lambda n: n.endswith("hook_state_post"))
     result = A.hierarchical_convergence(cache)  # exported from loop_lens.analysis
     frame = result.to_frame()
-    assert list(frame.columns) == ["timescale", "h", "l", "batch", "relative_step", "step"]
+    assert list(frame.columns) == ["timescale", "h", "l", "batch", "relative_step", "step", "to_end"]
     low, high = frame[frame.timescale == "L"], frame[frame.timescale == "H"]
-    assert len(low) == (2 * 3 - 1) * 2 and len(high) == (2 - 1) * 2  # the NaN first steps are left out
+    assert len(low) == 2 * 3 * 2 and len(high) == 2 * 2  # every state; the first has no step
+    assert low.relative_step.isna().sum() == 2 and high.relative_step.isna().sum() == 2
     assert high["l"].isna().all() and not low["l"].isna().any()
+    assert (low[low.l == 2].to_end == 0).all() and (high[high.h == 1].to_end == 0).all()  # each end is its own end
     row = low[(low.h == 1) & (low.l == 0) & (low.batch == 1)]
     assert row.relative_step.item() == pytest.approx(result.l_relative[1, 0, 1].item())
     fig = result.plot()

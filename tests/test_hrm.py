@@ -211,6 +211,9 @@ def test_stop_at_layer_counts_every_traversal(tmp_path):
     # the unrolled depth lists every traversal in the order it runs: L cycles, then the H stack
     for depth, name in zip((3, 8, 14), wanted):
         torch.testing.assert_close(model(tokens, stop_at_layer=depth), cache[name])
+    # the full depth: the last H stack's output before its closing norm (the final norm)
+    _, full = model.run_with_cache(tokens, names_filter="iter.1.blocks.1.hook_resid_post")
+    torch.testing.assert_close(model(tokens, stop_at_layer=model.cfg.depth(2)), full["iter.1.blocks.1.hook_resid_post"])
 
 
 def test_bad_checkpoints_raise_load_error(tmp_path):
@@ -403,3 +406,66 @@ def test_nested_cache_stacks_and_unrolled_depth(tmp_path):
     assert type(sliced).__name__ == "NestedLoopCache" and sliced.l_cycles == L
     with pytest.raises(ValueError, match="nested"):
         model.generate(_tokens(), max_new_tokens=2)
+
+
+def test_filter_hooks_reach_every_l_cycle_of_every_run(tmp_path):
+    """A filter hook applies to whatever each run reaches: more L cycles after fewer, and fewer
+    after more (no refusal), as it does for H cycles."""
+    model = saved(random_hrm(H_cycles=2, L_cycles=3), tmp_path)
+    tokens = _tokens()
+    low_post = lambda n: ".low." in n and n.endswith("hook_state_post")  # noqa: E731
+    zero = lambda x, hook: torch.zeros_like(x)  # noqa: E731
+    with torch.no_grad():
+        want4 = model.run_with_hooks(tokens, l_cycles=4, fwd_hooks=[(low_post, zero)])
+        want1 = model.run_with_hooks(tokens, l_cycles=1, fwd_hooks=[(low_post, zero)])
+        seen = []
+        with model.hooks(fwd_hooks=[(low_post, zero), (low_post, lambda x, hook: seen.append(hook.name))]):
+            model(tokens, l_cycles=1)
+            got4 = model(tokens, l_cycles=4)
+            got1 = model(tokens, l_cycles=1)
+    torch.testing.assert_close(got4, want4, atol=0, rtol=0)
+    torch.testing.assert_close(got1, want1, atol=0, rtol=0)
+    assert seen[2:10] == [f"iter.{h}.low.{l}.hook_state_post" for h in range(2) for l in range(4)]
+    assert not model.iter  # all dropped again when the context ends
+
+
+def test_l_cycles_belong_to_one_call(tmp_path):
+    """A call inside a hook of a run with l_cycles=5 runs the checkpoint's own L cycles; a run with
+    many L cycles and no hooks leaves no hook points behind, and spares shrink back."""
+    model = saved(random_hrm(H_cycles=2, L_cycles=3), tmp_path)
+    tokens = _tokens()
+    with torch.no_grad():
+        plain = model(tokens[:1])
+        inner = []
+
+        def call_inside(x, hook):
+            if not inner:  # once: the inner call fires this hook too
+                inner.append(None)
+                inner[0] = (model(tokens[:1]), len(model.hook_names(1)))
+
+        model.run_with_hooks(tokens, l_cycles=5, fwd_hooks=[("iter.0.hook_state_post", call_inside)])
+        model(tokens, l_cycles=40)
+    torch.testing.assert_close(inner[0][0], plain, atol=0, rtol=0)
+    assert inner[0][1] == len(model.hook_names(1)) == len(model.hook_names(1, l_cycles=3))
+    assert not model.iter
+    _, cache = model.run_with_cache(tokens, l_cycles=6, names_filter=lambda n: n.endswith("hook_state_post"))
+    assert cache.l_cycles == 6 and not model.iter
+    assert all(len(spare.low) == 3 for spare in model._spare_hooks)
+
+
+def test_single_loop_tools_refuse_nested_models(tmp_path):
+    """Patching and the streaming analyses resume or reduce a single-timescale loop; on an HRM
+    model they would be silently wrong (z_L restarts), so they refuse, naming themselves."""
+    from loop_lens import patching
+    from loop_lens.analysis.streaming import stream_analyses
+
+    model = saved(random_hrm(), tmp_path)
+    tokens = _tokens()
+    metric = lambda logits: logits[..., -1, 3].mean()  # noqa: E731
+    for name, call in (("activation_patch", lambda: patching.activation_patch(model, tokens, tokens, metric)),
+                       ("attribution_patch", lambda: patching.attribution_patch(model, tokens, tokens, metric)),
+                       ("intervene", lambda: patching.intervene(model, tokens, metric, "skip", 0)),
+                       ("answer_flips", lambda: patching.answer_flips(model, tokens)),
+                       ("stream_analyses", lambda: stream_analyses(model, tokens))):
+        with pytest.raises(ValueError, match=f"{name} runs a single-timescale loop"):
+            call()

@@ -158,3 +158,20 @@ def test_report_for_a_nested_model(run, tmp_path):
                  "--json", str(numbers), "--quiet"]) == 0
     assert json.loads(numbers.read_text())["l_cycles"] == 4 and "Hierarchical convergence" in out.read_text()
     assert main(["report", "zoo:tiny-random", "--prompts", "ab", "--l-cycles", "2", "--out", str(out), "--quiet"]) == 1
+
+
+def test_views_on_the_unrolled_depth_and_references(run):
+    """The L view's TransformerLens helpers norm as its lens does (the stack's closing norm), and a
+    fixed-point reference must run the same L cycles."""
+    model, tokens, _, cache = run
+    low = cache.low_view()
+    last = cache[f"iter.{H - 1}.low.{L - 1}.blocks.{K - 1}.hook_resid_post"]
+    torch.testing.assert_close(low.accumulated_resid(apply_ln=True)[-1].double(), _rms(last.double(), model.cfg.norm_eps),
+                               rtol=1e-5, atol=1e-6)
+    _, other = model.run_with_cache(tokens, l_cycles=L + 1)
+    with pytest.raises(ValueError, match="L cycles"):
+        A.fixed_points(cache, reference=other)
+    with pytest.raises(ValueError, match="config differs"):
+        A.fixed_points(low, reference=other.low_view())
+    _, longer = model.run_with_cache(tokens, n_loops=H + 2, l_cycles=L)
+    assert A.fixed_points(cache, reference=longer).reference_loops == H + 2

@@ -10,6 +10,10 @@ batch item, padded positions left out) is measured
   against the last z_L of H cycle h - 1, so a "reset" of L when H moves shows as a jump.
 
 Steps with nothing cached before them (h = 0 for z_H, (h, l) = (0, 0) for z_L) are NaN.
+
+Fixed points on both timescales: `l_to_end[h, l] = ||z_L^{h,l} - z_L^{h,L-1}|| / ||z_L^{h,L-1}||`,
+the distance of each L cycle to the end of its own H cycle (the local equilibrium L settles into
+while z_H is held), and `h_to_end[h] = ||z_H^h - z_H^{H-1}|| / ||z_H^{H-1}||`, to the run's last z_H.
 """
 
 from __future__ import annotations
@@ -38,21 +42,25 @@ class HierarchicalConvergence(Result):
     h_relative: Float[Tensor, "H B"]
     l_step: Float[Tensor, "H L B"]
     l_relative: Float[Tensor, "H L B"]
+    h_to_end: Float[Tensor, "H B"]  # relative distance of z_H^h to the last z_H
+    l_to_end: Float[Tensor, "H L B"]  # relative distance of z_L^{h,l} to its H cycle's last z_L
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per measured step: timescale ("L" or "H"), h, l (empty for H), batch,
-        relative_step and step (the absolute Frobenius step)."""
+        """One row per state: timescale ("L" or "H"), h, l (empty for H), batch, relative_step
+        and step (the absolute Frobenius step; empty for the first state of each timescale), and
+        to_end (relative distance to the end of its H cycle for z_L, to the last z_H for z_H)."""
         low = long_frame(self.l_relative, ["h", "l", "batch"], "relative_step")
         low["step"] = self.l_step.detach().reshape(-1).float().cpu().numpy()
+        low["to_end"] = self.l_to_end.detach().reshape(-1).float().cpu().numpy()
         low.insert(0, "timescale", "L")
         high = long_frame(self.h_relative, ["h", "batch"], "relative_step")
         high["step"] = self.h_step.detach().reshape(-1).float().cpu().numpy()
+        high["to_end"] = self.h_to_end.detach().reshape(-1).float().cpu().numpy()
         high.insert(0, "timescale", "H")
         high.insert(2, "l", pd.NA)
         frame = pd.concat([low, high], ignore_index=True)
         frame["l"] = frame["l"].astype("Int64")
-        frame = frame[["timescale", "h", "l", "batch", "relative_step", "step"]]
-        return frame.dropna(subset=["relative_step"]).reset_index(drop=True)
+        return frame[["timescale", "h", "l", "batch", "relative_step", "step", "to_end"]]
 
     def plot(self, log: bool = True):
         """The hierarchical-convergence picture (batch mean): z_L's relative step over every
@@ -112,4 +120,12 @@ def hierarchical_convergence(cache: LoopCache, mask: Optional[Mask] = None) -> H
     h_step, h_relative = (torch.cat([nan, m]) for m in step_metrics(z_h[1:], z_h[:-1])[:2])
     flat = z_l.reshape(H * L, B, S, -1)  # every L cycle in running order
     l_step, l_relative = (torch.cat([nan, m]).reshape(H, L, B) for m in step_metrics(flat[1:], flat[:-1])[:2])
-    return HierarchicalConvergence(h_step=h_step, h_relative=h_relative, l_step=l_step, l_relative=l_relative)
+    h_to_end = _distance(z_h, z_h[-1:])
+    l_to_end = _distance(z_l, z_l[:, -1:])
+    return HierarchicalConvergence(h_step=h_step, h_relative=h_relative, l_step=l_step, l_relative=l_relative,
+                                   h_to_end=h_to_end, l_to_end=l_to_end)
+
+
+def _distance(x: Tensor, end: Tensor) -> Tensor:
+    """||x - end|| / ||end|| over (pos, d_model), per batch item; `end` broadcasts over x's leading axes."""
+    return (x - end).flatten(-2).norm(dim=-1) / end.flatten(-2).norm(dim=-1).clamp_min(1e-12)

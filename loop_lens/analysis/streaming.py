@@ -24,6 +24,7 @@ from loop_lens.analysis._types import LoopedModel, Mask
 from loop_lens.analysis.fixed_points import StepSizes, step_metrics
 from loop_lens.analysis.lens import Lens, block_lens
 from loop_lens.analysis.result import Result, long_frame
+from loop_lens.checks import single_loop
 from loop_lens.model.names import parse_hook_name
 
 
@@ -125,6 +126,7 @@ def stream_analyses(
     - `lens_positions`: the lens's (`"logit"`, `"coda"` or a `Lens`) top-1 token, its
       probability and the entropy at these positions for every (iteration, layer); None to skip.
     """
+    single_loop(model, "stream_analyses")
     cfg = model.cfg
     T = _checks.loop_count(n_loops, cfg.default_loops)
     if not (fixed_point or attention or lens_positions is not None):

@@ -27,15 +27,14 @@ from typing import Any, Optional
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
 from loop_lens.cache import _FINAL_NORM, _UNROLLED_RE, LoopCache, UnrolledView
 from loop_lens.checks import positive_int
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError
 from loop_lens.model.components import Block, Norm
-from loop_lens.model.hooks import LowCycleHooks, NestedIterationHooks
-from loop_lens.model.looped import HookedLoopedTransformer, _has_hooks, _Run
+from loop_lens.model.hooks import NO_HOOKS, LowCycleHooks, NestedIterationHooks
+from loop_lens.model.looped import HookedLoopedTransformer, _Run, _StopAtLayer
 from loop_lens.model.names import _suffix, parse_nested_hook_name
 
 
@@ -100,7 +99,7 @@ class NestedLoopCache(LoopCache):
             return super().stack(kind)
         suffix = _suffix(kind)
         if suffix.startswith(("hook_injected", "hook_exit")):
-            raise ValueError(f"{kind!r} belongs to the H stack: use cache.stack({kind!r})")
+            raise ValueError(f"{kind!r} has no L-cycle version (cache.stack({kind!r}) reads the H stack)")
         per_cycle = suffix.startswith(("hook_state", "ln_state"))
         K, L = self.cfg.n_block, self.l_cycles
 
@@ -128,7 +127,7 @@ class NestedLoopCache(LoopCache):
             h, cycle, layer, kind = parse_nested_hook_name(name)
             if cycle is not None:
                 renamed[f"iter.{h * L + cycle}." + (f"blocks.{layer}." if layer is not None else "") + kind] = value
-        return LoopCache(renamed, LowStackModel(self.model), self.n_loops * L, has_batch_dim=self.has_batch_dim)
+        return LowStackCache(renamed, LowStackModel(self.model, L), self.n_loops * L, has_batch_dim=self.has_batch_dim)
 
     def unrolled_name(self, name: str) -> str:
         """A nested hook name -> its name on the unrolled depth
@@ -176,7 +175,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             raise ConfigError("final_norm / iter_norm / norm_after_loop / exit_gate: a nested (HRM) model closes each "
                               "stack with its own parameterless norm and has no exit gate; set them all False")
         self._l_run = cfg.l_cycles  # L cycles of the run being prepared or executed
-        self._low_capacity = cfg.l_cycles  # L-cycle hook containers in every H-cycle container
+        self._named_low: dict[int, int] = {}  # H cycle -> L cycles a hook name there asks for
         super().__init__(cfg, tokenizer)
         self.low_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_block))
         self.stack_norm = Norm(cfg.d_model, "RMS", cfg.norm_eps, weight=False)  # closes both stacks
@@ -188,29 +187,40 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     # ------------------------------------------------------------------ L cycles per run
     @contextmanager
     def _l_cycles(self, l_cycles: Any) -> Iterator[int]:
-        """Inside, runs use `l_cycles` L cycles per H cycle (None: keep the current setting)."""
+        """Inside, runs use `l_cycles` L cycles per H cycle (None: the checkpoint's `cfg.l_cycles`,
+        never an outer call's: a model called from inside a hook runs its own default)."""
         before = self._l_run
-        if l_cycles is not None:
-            self._l_run = positive_int(l_cycles, "l_cycles")
-            self._grow_low(self._l_run)
+        self._l_run = self.cfg.l_cycles if l_cycles is None else positive_int(l_cycles, "l_cycles")
         try:
             yield self._l_run
         finally:
             self._l_run = before
 
-    def _grow_low(self, n: int) -> None:
-        """Give every H-cycle hook container (in use or spare) at least `n` L-cycle containers."""
-        if n <= self._low_capacity:
-            return
-        self._low_capacity = n
-        for container in [*self.iter.values(), *self._spare_hooks]:
-            while len(container.low) < n:
-                container.low.append(LowCycleHooks(self.cfg))
-        if len(self.iter):
-            self.setup()
+    def _ensure_low(self, container: nn.Module, n: int) -> bool:
+        """Give an H-cycle hook container at least `n` L-cycle containers; True if it grew."""
+        grew = len(container.low) < n
+        while len(container.low) < n:
+            container.low.append(LowCycleHooks(self.cfg))
+        return grew
 
     def _new_iteration_hooks(self) -> nn.Module:
-        return NestedIterationHooks(self.cfg, l_cycles=self._low_capacity)
+        return NestedIterationHooks(self.cfg, l_cycles=max(self.cfg.l_cycles, self._l_run))
+
+    def _materialise(self, iterations: Any) -> None:
+        """The base's, then every container named gets the L cycles of this run (or of a hook
+        name given for it): hook points for L cycles exist only where a run or a name asks."""
+        iterations = list(iterations)
+        super()._materialise(iterations)
+        wanted = getattr(self, "_named_low", {})
+        grew = [self._ensure_low(self.iter[str(t)], max(self._l_run, wanted.pop(t, 0))) for t in iterations]
+        if any(grew):
+            self.setup()
+
+    def _release(self) -> None:
+        """The base's, then spare containers shrink back to the checkpoint's L cycles."""
+        super()._release()
+        for container in self._spare_hooks:
+            del container.low[self.cfg.l_cycles:]
 
     def loop_hook_names(self, iteration: int = 0) -> list[str]:
         """The hook names of one H cycle of the current run (its L cycles included)."""
@@ -220,14 +230,16 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         return [f"iter.{iteration}.{s}" for s in ["hook_state_pre", *cycles, *high]]
 
     def hook_names(self, n_loops: Optional[int] = None, l_cycles: Optional[int] = None) -> list[str]:
-        """Every hook name a run with `n_loops` H cycles of `l_cycles` L cycles fires, in order."""
+        """Every hook name a run with `n_loops` H cycles of `l_cycles` L cycles (default: the
+        checkpoint's) fires, in order."""
         with self._l_cycles(l_cycles):
             return super().hook_names(n_loops)
 
     def _iterations_named(self, names: Sequence[Any]) -> list[int]:
-        """The H cycles these names refer to (any run length, any L cycle: hook points of L
-        cycles beyond the current ones are created)."""
-        found, deepest = set(), 0
+        """The H cycles these names refer to (any run length, any L cycle); remembers the L
+        cycles each needs, for `_materialise`."""
+        found: set[int] = set()
+        self._named_low: dict[int, int] = {}
         for name in names:
             if not (isinstance(name, str) and name.startswith("iter.")):
                 continue
@@ -238,21 +250,47 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             template = ".".join([*(["low.0"] if cycle is not None else []), *([f"blocks.{layer}"] if layer is not None else []), kind])
             if template in self._iter_suffixes:
                 found.add(h)
-                deepest = max(deepest, 0 if cycle is None else cycle + 1)
-        self._grow_low(deepest)
+                if cycle is not None:
+                    self._named_low[h] = max(self._named_low.get(h, 0), cycle + 1)
         return sorted(found)
+
+    def _run_label(self, n_loops: int) -> str:
+        return f"n_loops={n_loops}, l_cycles={self._l_run}"
 
     def _check_hooks_fire(self, n_loops: int) -> None:
         super()._check_hooks_fire(n_loops)
-        for it in self.iter.values():
+        for key, it in self.iter.items():
             for cycle in range(self._l_run, len(it.low)):
-                if _has_hooks(it.low[cycle]):
-                    hooked = next(m.name for m in it.low[cycle].modules()
-                                  if isinstance(m, HookPoint) and (m._forward_hooks or m._backward_hooks))
+                hooked = self._named_hook_at(it.low[cycle]) if int(key) < n_loops else None
+                if hooked:
                     raise HookNameError(
                         f"a hook is attached at {hooked}, but this run has l_cycles={self._l_run} (L cycles "
                         f"0..{self._l_run - 1}): it would not fire. Pass l_cycles=, or remove it with model.reset_hooks()"
                     )
+
+    def _attach_filter_hooks(self, n_loops: int) -> None:
+        """Give every filter hook the H cycles of this run, and the L cycles of each, that it has
+        not reached yet: a filter reaches every L cycle of every run, whatever ran before."""
+        todo, touched = [], set()
+        for f in self._filter_hooks:
+            for t in range(n_loops):
+                have = f.low_reach.get(t) if t in f.attached else None
+                if have is not None and have >= self._l_run:
+                    continue
+                names = self.loop_hook_names(t)
+                if have is not None:  # the H cycle's own names and the L cycles below `have` are attached
+                    names = [n for n in names if ".low." in n and parse_nested_hook_name(n).low_cycle >= have]
+                f.attached.add(t)
+                f.low_reach[t] = max(have or 0, self._l_run)
+                names = [n for n in names if f.names(n)]
+                if names:
+                    todo.append((f, names))
+                    touched.add(t)
+        self._materialise(sorted(touched))
+        for f, names in todo:
+            for n in names:
+                self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent,
+                                        level=f.level, prepend=f.prepend)
 
     def _names_in_run(self, names_filter: Any, n_loops: int) -> set[str]:
         wanted = super()._names_in_run(names_filter, n_loops)
@@ -293,6 +331,8 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         if tt is not None:
             B, S = run.tokens.shape
             tt = torch.as_tensor(tt, device=run.tokens.device)
+            if tt.ndim == 1 and B == 1:  # [pos], as the tokens may be
+                tt = tt[None]
             if tuple(tt.shape) != (B, S) or tt.is_floating_point() or tt.dtype == torch.bool:
                 raise ValueError(f"token_type_ids must be an integer tensor of the tokens' shape {(B, S)}, "
                                  f"got shape {tuple(tt.shape)} dtype {tt.dtype}")
@@ -317,7 +357,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             it = self._iteration_hooks(h)
             s = it.hook_state_pre(s)
             for cycle in range(run.l_cycles):
-                low = it.low[cycle]
+                low = it.low[cycle] if it is NO_HOOKS or cycle < len(it.low) else NO_HOOKS
                 x = low.hook_state_pre(z_l + s)
                 for k, blk in enumerate(self.low_blocks):
                     x = run.layer(blk, low.blocks[k], x)
@@ -325,6 +365,8 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             x = it.hook_injected(s + z_l)
             for k, blk in enumerate(self.blocks):
                 x = run.layer(blk, it.blocks[k], x)
+            if h == run.n_loops - 1 and run.stop_at_layer == run.depth:
+                raise _StopAtLayer(x)  # the full depth: the residual before the last H stack's closing norm
             s = it.hook_state_post(self.stack_norm(x, it.ln_state))
             if keep:
                 states.append(s)
@@ -333,14 +375,14 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     # ------------------------------------------------------------------ TransformerLens run methods
     def run_with_cache(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> tuple[Any, NestedLoopCache]:
         """`HookedLoopedTransformer.run_with_cache` (with `l_cycles=`), returning a NestedLoopCache."""
-        with self._l_cycles(l_cycles) as L:
-            out, cache = super().run_with_cache(*model_args, **kwargs)
+        with self._l_cycles(l_cycles) as L:  # for choosing the names; the forward gets l_cycles itself
+            out, cache = super().run_with_cache(*model_args, l_cycles=L, **kwargs)
         return out, NestedLoopCache(cache.cache_dict, self, cache.n_loops, has_batch_dim=cache.has_batch_dim, l_cycles=L)
 
     def run_with_hooks(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> Any:
         """TransformerLens's `run_with_hooks`, with `l_cycles=` (hooks may name any L cycle the run has)."""
-        with self._l_cycles(l_cycles):
-            return super().run_with_hooks(*model_args, **kwargs)
+        with self._l_cycles(l_cycles) as L:
+            return super().run_with_hooks(*model_args, l_cycles=L, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Refused (ValueError): loop_lens's KV-cache generation runs a single-timescale loop."""
@@ -357,9 +399,11 @@ class LowStackModel:
     model with an L-stack cache (or the reverse) refuses instead of mixing the stacks' weights.
     Made by `NestedLoopCache.low_view()`; it reads caches and does not run."""
 
-    def __init__(self, model: HookedHrmTransformer):
+    def __init__(self, model: HookedHrmTransformer, l_cycles: int):
         self.model = model
-        self.cfg = dataclasses.replace(model.cfg, l_cycles=0, model_name=f"{model.cfg.model_name} [L stack]")
+        self.l_cycles = l_cycles
+        self.cfg = dataclasses.replace(model.cfg, l_cycles=0,
+                                       model_name=f"{model.cfg.model_name} [L stack, {l_cycles} L cycles per H cycle]")
         self.tokenizer = model.tokenizer
         self.blocks = model.low_blocks
         self.prelude_blocks, self.coda_blocks = nn.ModuleList(), nn.ModuleList()
@@ -389,6 +433,9 @@ class LowStackModel:
     def tokenize(self, text: Any) -> tuple[Tensor, Tensor]:
         return self.model.tokenize(text)
 
+    def to_tokens(self, text: Any, prepend_bos: bool = True) -> Tensor:
+        return self.model.to_tokens(text, prepend_bos=prepend_bos)
+
     def to_str_tokens(self, text_or_tokens: Any) -> list[str]:
         return self.model.to_str_tokens(text_or_tokens)
 
@@ -397,3 +444,18 @@ class LowStackModel:
             raise TypeError(f"the L-stack view reads caches and does not run: call {name} on the model itself "
                             "(run_with_cache(..., l_cycles=) and cache.low_view() again)")
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
+class LowStackCache(LoopCache):
+    """`NestedLoopCache.low_view()`: the L stack's traversals as iterations. On the unrolled depth
+    the norm closing the last L traversal is the final norm, so TransformerLens's helpers with
+    `apply_ln=True` read states as the L view's logit lens does."""
+
+    def _last_iter_norm_is_final(self) -> bool:
+        return True
+
+    def _unrolled_view(self) -> UnrolledView:
+        return UnrolledView(self.model, self.n_loops, final=self.model.model.stack_norm)
+
+    def _like(self, cache_dict: dict[str, Tensor], has_batch_dim: bool) -> LowStackCache:
+        return LowStackCache(cache_dict, self.model, self.n_loops, has_batch_dim=has_batch_dim)

@@ -95,6 +95,7 @@ class _FilterHook:
     is_permanent: bool
     prepend: bool
     attached: set[int] = field(default_factory=set)
+    low_reach: dict[int, int] = field(default_factory=dict)  # nested (HRM) loops: L cycles reached per iteration
 
 
 def _checked_hook(user_hook: Callable) -> Callable:
@@ -339,13 +340,27 @@ class HookedLoopedTransformer(HookedRootModule):
             for n in names:
                 self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent, level=f.level, prepend=f.prepend)
 
+    def _named_hook_at(self, module: nn.Module) -> Optional[str]:
+        """The name of a hook point under `module` holding a hook added by name, or None. Hooks a
+        filter function attached are left out: a filter applies to whatever each run reaches."""
+        by_filter = {id(f.hook) for f in self._filter_hooks}
+        for m in module.modules():
+            if isinstance(m, HookPoint) and any(id(h.user_hook) not in by_filter for h in [*m.fwd_hooks, *m.bwd_hooks]):
+                return m.name
+        return None
+
+    def _run_label(self, n_loops: int) -> str:
+        """How a run's length reads in messages."""
+        return f"n_loops={n_loops}"
+
     def _check_hooks_fire(self, n_loops: int) -> None:
+        """Refuse hooks added by name on iterations this run does not reach (they would not fire)."""
         for key, it in self.iter.items():
-            if int(key) >= n_loops and _has_hooks(it):
-                hooked = next(m.name for m in it.modules() if isinstance(m, HookPoint) and (m._forward_hooks or m._backward_hooks))
+            hooked = self._named_hook_at(it) if int(key) >= n_loops else None
+            if hooked:
                 raise HookNameError(
-                    f"a hook is attached at {hooked}, but this run has n_loops={n_loops} (iterations 0..{n_loops - 1}): "
-                    "it would not fire. Run more iterations, or remove it with model.reset_hooks()"
+                    f"a hook is attached at {hooked}, but this run has {self._run_label(n_loops)} (iterations "
+                    f"0..{n_loops - 1}): it would not fire. Run more iterations, or remove it with model.reset_hooks()"
                 )
 
     # ------------------------------------------------------------------ tokens
@@ -433,7 +448,8 @@ class HookedLoopedTransformer(HookedRootModule):
             if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, numbers.Integral):
                 raise ValueError(f"stop_at_layer must be an integer, got {stop_at_layer!r}")
             if not -depth <= stop_at_layer <= depth:
-                raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{depth}, {depth}] (the unrolled depth at n_loops={T})")
+                raise ValueError(f"stop_at_layer={stop_at_layer} is outside [-{depth}, {depth}] (the unrolled depth at "
+                                 f"{self._run_label(T)})")
             stop_at_layer = int(stop_at_layer) % depth if stop_at_layer < 0 else int(stop_at_layer)
         self._check_hooks_fire(T)
         self._attach_filter_hooks(T)
@@ -574,6 +590,8 @@ class HookedLoopedTransformer(HookedRootModule):
             for layer, blk in enumerate(self.blocks):
                 s = run.layer(blk, it.blocks[layer], s)
             if self.cfg.iter_norm:
+                if t == run.n_loops - 1 and self.cfg.n_coda == 0 and run.stop_at_layer == run.depth:
+                    raise _StopAtLayer(s)  # the full depth: the residual before the last norm, which is the final norm
                 s = self.ln_final(s, it.ln_state)
             s = it.hook_state_post(s)
             if self.exit_gate is not None:

@@ -125,7 +125,7 @@ def parse_nested_hook_name(name: str) -> NestedHookNameParts:
     `"iter.1.low.2.blocks.0.attn.hook_gate"` -> `(1, 2, 0, "attn.hook_gate")`,
     `"iter.1.blocks.0.hook_resid_post"` -> `(1, None, 0, "hook_resid_post")`."""
     m = _NESTED_RE.match(name)
-    if m is None:
+    if m is None or m["kind"].startswith(("low.", "blocks.")):  # a malformed cycle or layer index
         raise ValueError(f"not a nested-loop hook name (iter.{{h}}[.low.{{l}}][.blocks.{{k}}].<hook>): {name!r}")
     low = int(m["l"]) if m["l"] is not None else None
     layer = int(m["k"]) if m["k"] is not None else None
