@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 import loop_lens as ll
 from loop_lens import zoo
+from loop_lens.model.hrm import HookedHrmTransformer, NestedLoopCache
 from loop_lens.zoo import docs as zoo_docs
 from loop_lens.zoo import make_random
 from loop_lens.zoo.task import ANSWER_FROM, QUERIES, SEQ_LEN, answers_after, follow, sample
 from loop_lens.zoo.train import RECIPES, Curriculum, Recipe, evaluate, lr_factor, reevaluate, train
 
-TRAINED = ["khop-huginn", "khop-ouro", "khop-ff"]
+TRAINED = ["khop-huginn", "khop-ouro", "khop-ff", "khop-hrm"]
 README_PROMPT = "b f e j i c f a j i h d a e c g d b g h | f 2 ="  # README.md and docs/getting-started.md
 
 
@@ -151,6 +152,71 @@ def test_khop_huginn_needs_a_second_loop_for_two_hops_and_stops_after_two():
     three = sample(256, [3], torch.Generator().manual_seed(12), split="heldout")
     pred = model(three.tokens, n_loops=8, seed=0)[:, ANSWER_FROM[0]].argmax(-1)
     assert (pred == answers_after(three.tokens, 2)[:, 0]).float().mean() > 0.9
+
+
+def test_khop_hrm_is_a_nested_hrm_text_model_that_round_trips(tmp_path):
+    """zoo:khop-hrm loads as a HookedHrmTransformer with its recipe's HRM-Text config (the
+    adapter's constraints: parameterless norms, gated attention, additive z_H + z_L, no final norm),
+    a frozen zero z_L start vector, and saves and loads back to the same logits."""
+    model = ll.load("zoo:khop-hrm")
+    assert type(model) is HookedHrmTransformer and model.cfg == RECIPES["khop-hrm"].cfg
+    cfg = model.cfg
+    assert (cfg.family, cfg.l_cycles, cfg.n_block, cfg.n_prelude, cfg.n_coda) == ("hrm_text", 2, 1, 0, 0)
+    assert cfg.attn_gate and not cfg.norm_weight and not cfg.final_norm and cfg.injection == "additive"
+    assert not model.z_l_init.requires_grad and not model.z_l_init.any()
+    assert len(model.blocks) == len(model.low_blocks) == 1
+    tokens = sample(8, [1, 2], torch.Generator().manual_seed(2), split="heldout").tokens
+    model.save(tmp_path / "copy")
+    again = ll.load(tmp_path / "copy")
+    assert type(again) is HookedHrmTransformer and torch.equal(again(tokens), model(tokens))
+
+
+def test_khop_hrm_answers_from_text():
+    """Prompts given as text are answered right at the default 3 H cycles, for 1 and 2 hops, at
+    every question: the right answer is the letter `answers_after` reaches by following the
+    prompt's own pointers (chance is about 1/9)."""
+    model = ll.load("zoo:khop-hrm")
+    assert model.cfg.default_loops == 3
+    for k in (1, 2):
+        batch = sample(64, [k], torch.Generator().manual_seed(5), split="heldout")
+        tokens = torch.cat([model.to_tokens(batch.text(i)) for i in range(len(batch.tokens))])
+        assert torch.equal(tokens, batch.tokens)
+        right = answers_after(tokens, k)
+        assert torch.equal(right, batch.answers)
+        pred = model(tokens)[:, ANSWER_FROM].argmax(-1)  # [prompt, question]
+        assert ((pred == right).float().mean(0) >= 0.95).all(), (k, (pred == right).float().mean(0))
+
+
+def test_khop_hrm_needs_three_h_cycles_for_two_hops_with_its_two_l_cycles():
+    """2-hop questions: near chance with one H cycle, right with 3 or more; at 3 H cycles the two
+    L cycles per H cycle it was trained with answer right, one or three do not; 3-hop questions
+    (never trained) land on the 1-hop letter."""
+    model = ll.load("zoo:khop-hrm")
+    two = sample(256, [2], torch.Generator().manual_seed(11), split="heldout")
+
+    def acc(T, L=None):
+        pred = model(two.tokens, n_loops=T, l_cycles=L)[:, ANSWER_FROM[0]].argmax(-1)
+        return (pred == answers_after(two.tokens, 2)[:, 0]).float().mean().item()
+
+    by_h = {T: acc(T) for T in (1, 3, 4, 6)}
+    assert by_h[1] < 0.3 and min(by_h[3], by_h[4], by_h[6]) > 0.95, by_h
+    by_l = {L: acc(3, L) for L in (1, 2, 3)}
+    assert by_l[2] > 0.95 and by_l[1] < 0.9 and by_l[3] < 0.9, by_l
+    three = sample(256, [3], torch.Generator().manual_seed(12), split="heldout")
+    pred = model(three.tokens)[:, ANSWER_FROM[0]].argmax(-1)
+    assert (pred == answers_after(three.tokens, 1)[:, 0]).float().mean() > 0.9
+
+
+def test_khop_hrm_cache_reads_every_cycle_and_the_logits_from_the_last_z_h():
+    """run_with_cache on the zoo model: a NestedLoopCache with the L state of every L cycle and the
+    H state of every H cycle; the logits are the unembedding of the last H state (no final norm)."""
+    model = ll.load("zoo:khop-hrm")
+    tokens = sample(4, [2], torch.Generator().manual_seed(3), split="heldout").tokens
+    logits, cache = model.run_with_cache(tokens)
+    assert isinstance(cache, NestedLoopCache)
+    posts = [n for n in cache.keys() if n.endswith("hook_state_post")]
+    assert posts == [f"iter.{h}.{part}hook_state_post" for h in range(3) for part in ("low.0.", "low.1.", "")]
+    torch.testing.assert_close(model.unembed(cache["iter.2.hook_state_post"]), logits)
 
 
 def package_files() -> dict:

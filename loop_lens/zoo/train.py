@@ -1,4 +1,5 @@
-"""Train the zoo's k-hop models with HookedLoopedTransformer itself (no second implementation).
+"""Train the zoo's k-hop models with HookedLoopedTransformer itself (no second implementation;
+the nested HRM-style model is its subclass HookedHrmTransformer, trained by the same loop).
 
     python -m loop_lens.zoo.train khop-huginn --out loop_lens/zoo/models/khop-huginn   # train (1 thread), evaluate, write model + card
     python -m loop_lens.zoo.train khop-ouro --steps 50 --out /tmp/x                   # a quick, smaller run
@@ -28,6 +29,7 @@ from loop_lens.adapters import load
 from loop_lens.config import LoopConfig
 from loop_lens.errors import SaveError
 from loop_lens.files import write_text_atomic
+from loop_lens.model.hrm import HookedHrmTransformer
 from loop_lens.model.init import init_weights
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.saving import check_save_target
@@ -74,6 +76,20 @@ RECIPES = {
         train_hops=[1, 2, 3], loops=[1], steps=3400,
         description="feedforward baseline: 8 pre-norm layers, the depth of khop-ouro unrolled",
         eval_loops=[1],
+    ),
+    # HRM-Text's nested recurrence, configured as loop_lens/adapters/hrm_text.py maps a real
+    # checkpoint (parameterless RMSNorms, gated attention, SwiGLU, additive z_H + z_L, no final
+    # norm, untied head, rotate-half RoPE); embed_scale = 1 / the embedding's init std (8 here, as
+    # HRM-Text's 1 / initializer_range); z_L_init stays at zeros and frozen, as transformers'
+    # HrmText initialises it. n_loops = H cycles (2-4 per batch, 3 by default), L cycles fixed at 2.
+    "khop-hrm": Recipe(
+        cfg=LoopConfig(**_COMMON, family="hrm_text", model_name="khop-hrm", n_block=1, default_loops=3, l_cycles=2,
+                       norm_placement="pre", norm_weight=False, attn_gate=True, injection="additive",
+                       initial_state="embed", final_norm=False, tie_embeddings=False, embed_scale=8.0,
+                       rope_style="rotate_half", rope_theta=10000.0, extra={"prefix_lm": False}),
+        train_hops=[1, 2], loops=[2, 3, 4], steps=3000,
+        description="HRM-Text-style nested recurrence: 1-layer H and L stacks, 2 L cycles per H cycle; trained with 2-4 H cycles per batch",
+        eval_loops=[1, 2, 3, 4, 6, 8],
     ),
 }
 
@@ -227,7 +243,8 @@ def train(name: str, out: Path, steps: Optional[int] = None, quiet: bool = False
         raise SaveError(f"{target} holds files that are not a zoo model and its card: {foreign}")
     steps = recipe.steps if steps is None else steps
     torch.manual_seed(recipe.seed)
-    model = HookedLoopedTransformer(recipe.cfg, tokenizer=make_tokenizer())
+    model_cls = HookedHrmTransformer if recipe.cfg.l_cycles else HookedLoopedTransformer
+    model = model_cls(recipe.cfg, tokenizer=make_tokenizer())
     init_weights(model, seed=recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(recipe, s, steps))
