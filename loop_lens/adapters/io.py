@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -224,6 +225,25 @@ def _convert(
     return state
 
 
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+          "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip `torch.nn.init` while the model is built on the meta device: every parameter is
+    assigned from the checkpoint right after, and the first `normal_` on a meta tensor imports
+    torch._dynamo (1.2 s of a 1.4B model's 1.3 s load)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITS}
+    try:
+        for name in _INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def assemble(
     cfg: LoopConfig,
     mapped: dict[str, tuple[str, Tensor]],
@@ -244,7 +264,7 @@ def assemble(
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _no_init():
             model = (model_cls or HookedLoopedTransformer)(cfg, tokenizer=tokenizer)
     except (TypeError, RuntimeError, OverflowError) as err:  # sizes too large for a tensor shape
         raise LoadError(

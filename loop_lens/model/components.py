@@ -65,7 +65,8 @@ class Rotary(nn.Module):
         super().__init__()
         self.style = cfg.rope_style
         d = cfg.d_head
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        # on the CPU even while a model is built on the meta device (a meta arange imports sympy: 0.5 s)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
         if cfg.rope_scaling and cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
