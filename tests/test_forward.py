@@ -41,8 +41,8 @@ def ouro_reference_default(step_logits: torch.Tensor, gate_logits: torch.Tensor,
 def saturating_ouro(seed: int, **overrides) -> ll.HookedLoopedTransformer:
     """An Ouro-style GQA model whose exit gate saturates on some tokens, so the threshold exit
     at 1.0 leaves before the last step there (in float32, sigmoid reaches 1.0)."""
-    model = tiny_model("ouro", seed=seed, n_prelude=0, n_coda=0, n_heads=6, n_key_value_heads=2, d_model=48,
-                       default_exit="threshold", **overrides)
+    model = tiny_model("ouro", seed=seed, **{"n_prelude": 0, "n_coda": 0, "n_heads": 6, "n_key_value_heads": 2, "d_model": 48,
+                                             "default_exit": "threshold", **overrides})
     with torch.no_grad():
         model.exit_gate.weight.mul_(40.0)
         model.exit_gate.bias.fill_(2.0)
@@ -63,6 +63,25 @@ def test_ouro_default_call_is_the_references_threshold_exit(seed):
     # the configuration really exercises an early exit somewhere, and the last step elsewhere
     early = ~torch.isclose(default, steps[-1]).all(-1)
     assert early.any() and not early.all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_threshold_and_weighted_exits_with_a_coda(seed):
+    """With a coda the rest of the network attends over positions, so each position's exit logits
+    come from its exit step's full finish (not one finish of mixed states)."""
+    model = saturating_ouro(seed, n_coda=1)
+    tokens = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, n_loops=4, names_filter=lambda n: n.endswith("hook_exit_logit"))
+        steps = torch.stack([model(tokens, n_loops=4, exit=t) for t in range(4)])
+        expected = ouro_reference_default(steps, cache.stack("exit_logit"), threshold=1.0)
+        got = model(tokens, n_loops=4, exit="threshold")
+        p = model.exit_distribution(cache.stack("exit_logit"))
+        weighted = model(tokens, n_loops=4, exit="weighted")
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    early = ~torch.isclose(got, steps[-1]).all(-1)
+    assert early.any() and not early.all()
+    torch.testing.assert_close(weighted, (steps * p[..., None]).sum(0), atol=1e-5, rtol=1e-5)
 
 
 def test_ouro_loss_uses_the_weighted_exit_like_the_reference_with_labels():
