@@ -2,7 +2,7 @@
 
     python benchmarks/real_size.py                         # loading, then analyses at T = 4 16 64
     python benchmarks/real_size.py --loops 4 16 --seq 64   # scaled down for a small CPU
-    python benchmarks/real_size.py --skip-analyses         # loading only
+    python benchmarks/real_size.py --skip-analyses         # loading only (and the report)
 
 1. Writes a random checkpoint in the transformers Ouro layout (24 layers, d_model 2048, 16 heads,
    d_mlp 5632, vocab 49152; bf16 safetensors in shards with an index) into a temporary directory,
@@ -14,6 +14,8 @@
    size of the weights in the requested dtype (the whole process, imports included).
 3. Analyses (bf16 unless --dtype, CPU unless --device cuda): a forward, `run_with_cache` with a names filter (one
    hook kind) and `stream_analyses` at each T on one prompt of `--seq` tokens: time and peak memory.
+4. The report command (`loop-lens report --n-loops 16`) on a `--seq`-word prompt (the checkpoint
+   carries a word-level tokenizer "w0".."w49151"): time, peak RSS against the 24 GiB budget, size.
 
 Figures and ratios are merged into benchmarks/results.json (other keys are kept).
 """
@@ -73,6 +75,7 @@ def write_checkpoint(directory: Path, shapes: dict, shard_bytes: int) -> int:
             total += t.numel()
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         del tensors
+    write_word_tokenizer(directory / "tokenizer.json", V)
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 2 * total}, "weight_map": weight_map}))
     common = dict(shapes, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
                   hidden_act="silu", torch_dtype="bfloat16", rope_scaling=None)
@@ -87,6 +90,24 @@ def write_checkpoint(directory: Path, shapes: dict, shard_bytes: int) -> int:
     (llama / "config.json").write_text(json.dumps(dict(common, architectures=["LlamaForCausalLM"], model_type="llama",
                                                        attention_bias=False, mlp_bias=False), indent=2))
     return total
+
+
+def write_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json whose words are "w0" .. "w{vocab_size-1}", so that the report
+    command can take text prompts on the random checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+
+
+def word_prompt(n_words: int, vocab_size: int, seed: int = 0) -> str:
+    """A prompt of `n_words` random words of `write_word_tokenizer`'s vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(1, vocab_size)}" for _ in range(n_words))
 
 
 LOAD = r"""
@@ -118,6 +139,18 @@ size = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"load_s": t_load, "load_and_read_s": t_touch, "peak_rss_after_load": peak_load,
                   "peak_rss": rss("VmHWM"), "rss_after_imports": base,
                   "params": n, "weights_bytes": size, "dtype": str(next(model.parameters()).dtype)}))
+"""
+
+REPORT = r"""
+import json, sys, time
+from loop_lens.cli import main
+argv = sys.argv[1:]
+t0 = time.perf_counter()
+code = main(argv)
+seconds = time.perf_counter() - t0
+with open("/proc/self/status") as f:  # VmHWM: this process's peak RSS (weights included)
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "peak_bytes": peak, "exit_code": code}))
 """
 
 ANALYSE = r"""
@@ -191,6 +224,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["forward", "cache", "stream"], choices=("forward", "cache", "stream"),
                    help="analyses to time (default all three)")
     p.add_argument("--skip-analyses", action="store_true")
+    p.add_argument("--report-loops", type=int, default=16, help="--n-loops of the report command (default 16)")
+    p.add_argument("--skip-report", action="store_true")
     p.add_argument("--skip-loading", action="store_true")
     p.add_argument("--out", type=Path, default=HERE / "results.json")
     args = p.parse_args()
@@ -245,6 +280,18 @@ def main() -> None:
                                 else "torch.cuda.max_memory_allocated (weights included)",
                         "cache_names_filter": "hook_resid_post only", **machine, **per_t}
                     merge_into(args.out, ratios, figures)
+        if not args.skip_report:
+            html = directory / "report.html"
+            prompt = word_prompt(args.seq, OURO_1_4B["vocab_size"])
+            r = run(REPORT, "report", str(directory), "--prompts", prompt, "--n-loops", str(args.report_loops),
+                    "--out", str(html), "--quiet")
+            figures[f"real_size_report_cpu_seq{args.seq}"] = {
+                "command": f"loop-lens report <checkpoint> --prompts <{args.seq} words> --n-loops {args.report_loops} --quiet",
+                "model": "random Ouro-1.4B shapes, bf16 (the checkpoint's dtype)", "seconds": round(r["seconds"], 1),
+                "peak_rss_GiB": gib(r["peak_bytes"]), "html_MiB": round(html.stat().st_size / 2**20, 2),
+                "fits_24_GiB": r["peak_bytes"] <= 24 * 2**30, **machine}
+            print(f"report: {figures[f'real_size_report_cpu_seq{args.seq}']}", flush=True)
+            merge_into(args.out, ratios, figures)
     print(f"wrote {args.out}")
 
 
