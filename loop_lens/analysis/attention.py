@@ -244,22 +244,36 @@ def attention_stability(
     every iteration; `tokens` [B, S] (the run's input) give the head-type detection patterns."""
     cache = _checks.loop_cache(cache)
     _checks.same_model(model, cache)
-    a = cache.stack("attn.hook_pattern").float()  # [T, L, B, H, S, S]
-    B, S = a.shape[2], a.shape[-1]
+    T, L = cache.n_loops, model.cfg.n_block
+    first = cache["iter.0.blocks.0.attn.hook_pattern"]  # [B, H, S, S]
+    B, S = first.shape[0], first.shape[-1]
     _checks.not_empty(B, S)
-    tok = _checks.token_ids(tokens, "tokens", B, S, model.cfg.d_vocab, a.device)
-    mask = _checks.mask_for(mask, B, S, a.device)
-    nan = torch.full_like(a[:1, ..., 0, 0], float("nan"))
-    change = torch.cat([nan, pattern_change(a[1:], a[:-1], mask)])
-    js = torch.cat([nan, js_divergence_rows(a[1:], a[:-1], mask)])
+    tok = _checks.token_ids(tokens, "tokens", B, S, model.cfg.d_vocab, first.device)
+    mask = _checks.mask_for(mask, B, S, first.device)
+    # one block layer at a time, in fp32: all of them at once held T x L x B x H x S^2 fp32 values
+    # and temporaries of that size (1.6 GB each for a 24-layer, 16-head model at T = 16, 256 tokens)
+    per_layer: dict[str, list[Tensor]] = {k: [] for k in ("change", "js", "concentration", "sink", "mixing")}
+    types: dict[str, list[Tensor]] = {}
+    for layer in range(L):
+        a = torch.stack([cache[f"iter.{t}.blocks.{layer}.attn.hook_pattern"] for t in range(T)]).float()  # [T, B, H, S, S]
+        nan = torch.full_like(a[:1, ..., 0, 0], float("nan"))
+        per_layer["change"].append(torch.cat([nan, pattern_change(a[1:], a[:-1], mask)]))
+        per_layer["js"].append(torch.cat([nan, js_divergence_rows(a[1:], a[:-1], mask)]))
+        per_layer["concentration"].append(colsum_concentration(a, mask))
+        per_layer["sink"].append(sink_score(a, 0, mask))
+        per_layer["mixing"].append(mixing_score(a, mask))
+        for kind, score in head_type_scores(a, tok).items():
+            types.setdefault(kind, []).append(score)
+        del a
+    stacked = {k: torch.stack(v, dim=1) for k, v in per_layer.items()}  # [T, L, B, H]
     steps = step_sizes(cache, "hook_resid_pre", mask)
     return AttentionStability(
-        change_frobenius=change,
-        change_js=js,
-        concentration=colsum_concentration(a, mask),
-        sink=sink_score(a, 0, mask),
-        mixing=mixing_score(a, mask),
-        head_types=head_type_scores(a, tok),
+        change_frobenius=stacked["change"],
+        change_js=stacked["js"],
+        concentration=stacked["concentration"],
+        sink=stacked["sink"],
+        mixing=stacked["mixing"],
+        head_types={kind: torch.stack(v, dim=1) for kind, v in types.items()},
         resid_step=steps.norm,
         kappa=_kappa(model),
         d_head=model.cfg.d_head,
