@@ -220,7 +220,7 @@ def build_report(
     steps_bar.update()
     # models with a coda (or a norm between loop and coda) read their states through it: the coda lens
     lens_name = "coda" if cfg.n_coda or cfg.norm_after_loop else "logit"
-    lens = logit_lens(model, cache, mask=m, lens=lens_name)
+    lens = logit_lens(model, cache, mask=m, lens=lens_name, positions=[pos])  # the page shows one position
     probs = torch.softmax(logits[0, pos].float(), dim=-1)
     answer_id, answer_prob = int(probs.argmax()), float(probs.max())
     steps_bar.update()
@@ -294,8 +294,8 @@ def build_report(
         "sink_rate": stab.sink_rate(),
         "prediction": {"position": pos, "token_id": answer_id, "token": _token_text(model, answer_id), "prob": answer_prob},
         "lens": lens_name,
-        "lens_top1": lens.top_ids[:, :, 0, pos, 0],
-        "lens_top1_prob": lens.top_probs[:, :, 0, pos, 0],
+        "lens_top1": lens.top_ids[:, :, 0, 0, 0],  # the lens read position `pos` only
+        "lens_top1_prob": lens.top_probs[:, :, 0, 0, 0],
         "trajectory": traj.coords,
         **extra,
     }

@@ -218,3 +218,26 @@ def test_state_lens_result_table_and_picture(huginn):
     assert row.entropy == pytest.approx(float(-(probs[2, 1, 3] * probs[2, 1, 3].log()).sum()), rel=1e-4)
     fig = result.plot(batch=1)
     assert fig.data[0].z.shape == (T, 6) and fig.data[0].z[2][3] == pytest.approx(row.top1_prob, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["logit", "coda"])
+def test_logit_lens_at_chosen_positions_equals_the_full_lens_there(huginn, name):
+    """`positions=` reads only those positions (all of them for the coda lens, which attends):
+    every summary equals the full lens's at those positions, and the result's methods take the
+    input's positions."""
+    model, _, mask, cache = huginn
+    full = logit_lens(model, cache, lens=name, mask=mask, k=3)
+    some = logit_lens(model, cache, lens=name, mask=mask, k=3, positions=[4, -1, 0])
+    cols = [4, 5, 0]
+    for field in ("top_ids", "top_probs", "target_prob", "target_rank", "entropy", "kl_to_final"):
+        torch.testing.assert_close(getattr(some, field), getattr(full, field)[:, :, :, cols], atol=1e-5, rtol=1e-5)
+    assert torch.equal(some.final_top, full.final_top[:, cols]) and some.positions == cols
+    assert some.grid(position=-1).equals(full.grid(position=5)) and some.grid(position=0).equals(full.grid(position=0))
+    assert (some.plot(position=4).data[0].z == full.plot(position=4).data[0].z).all()
+    assert sorted(set(some.to_frame().position)) == [0, 4, 5]
+    with pytest.raises(ValueError, match="position 2 was not read"):
+        some.grid(position=2)
+    with pytest.raises(ValueError, match="twice"):
+        logit_lens(model, cache, positions=[1, -5])
+    with pytest.raises(ValueError, match="out of range"):
+        logit_lens(model, cache, positions=[6])

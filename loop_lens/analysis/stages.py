@@ -41,6 +41,8 @@ class LensResult(Result):
     targets: Int[Tensor, "B S"]  # the tracked tokens (default: the model's final top-1)
     lens: str
     str_tokens: Optional[Sequence[str]] = None  # for labels; index = token id
+    positions: Optional[list[int]] = None  # the input positions the S axis holds (None: every position)
+    length: int = 0  # the input's length, when `positions` is set (a negative position counts back from it)
 
     def entry_point(self, k: int = 1) -> Int[Tensor, "B S 2"]:
         """The (iteration, layer) where the target enters the top-k and stays there, in unrolled
@@ -61,8 +63,20 @@ class LensResult(Result):
         return self.str_tokens[token_id] if self.str_tokens is not None else str(token_id)
 
     def _at(self, position: int, batch: int) -> tuple[int, int]:
+        """(index on the S axis, batch index) of a position of the input."""
         B, S = self.target_prob.shape[2:]
-        return _checks.index(position, "position", S, "positions"), _checks.index(batch, "batch", B, "batch items")
+        batch = _checks.index(batch, "batch", B, "batch items")
+        if self.positions is None:
+            return _checks.index(position, "position", S, "positions"), batch
+        if isinstance(position, bool) or not isinstance(position, int):
+            raise ValueError(f"position must be an int, got {position!r}")
+        held = list(self.positions)
+        if position < 0:
+            position += self.length
+        if position not in held:
+            raise ValueError(f"position {position} was not read by this lens (positions={held}); "
+                             "run logit_lens with it in positions=, or with positions=None")
+        return held.index(position), batch
 
     def grid(self, position: int = -1, batch: int = 0) -> pd.DataFrame:
         """Iteration x layer table of "top token (probability)" at one position."""
@@ -78,8 +92,10 @@ class LensResult(Result):
         return pd.DataFrame(data, index=[f"iter {t}" for t in range(T)])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (iteration, layer, batch, position)."""
+        """One row per (iteration, layer, batch, position); positions are the input's."""
         frame = long_frame(self.target_prob, ["iteration", "layer", "batch", "position"], "target_prob")
+        if self.positions is not None:
+            frame["position"] = [self.positions[i] for i in frame["position"]]
         frame["target_rank"] = self.target_rank.reshape(-1).cpu().numpy()
         frame["entropy"] = self.entropy.reshape(-1).float().cpu().numpy()
         frame["kl_to_final"] = self.kl_to_final.reshape(-1).float().cpu().numpy()
@@ -111,13 +127,17 @@ def logit_lens(
     k: int = 5,
     lens: Union[str, Lens] = "logit",
     mask: Optional[Mask] = None,
+    positions: Optional[Sequence[int]] = None,
 ) -> LensResult:
     """A lens at every (iteration, block layer) output X_{l,t}, summarised per position: the logit
     lens `unembed(final_norm(X_{l,t}))` (`lens="logit"`), the coda lens (`lens="coda"`: the rest of
     the network from X_{l,t}), or any `Lens` instance.
 
     `targets` [B, S] are the tokens whose probability and rank are tracked (default: the model's
-    final top-1 prediction at each position, from the cache's last iteration).
+    final top-1 prediction at each position, from the cache's last iteration). `positions` reads
+    only these positions (negative counts from the end): a pointwise lens then unembeds only them,
+    which for a 49k vocabulary is most of the time and memory; the result's S axis holds them, and
+    its methods take the input's positions.
     """
     cache = _checks.loop_cache(cache)
     _checks.same_model(model, cache)
@@ -130,18 +150,24 @@ def logit_lens(
     mask = _checks.mask_for(mask, B, S, x.device)
     if targets is not None:
         targets = _checks.token_ids(targets, "targets", B, S, V, x.device)
+    keep = None if positions is None else _positions(positions, S)
+    at = slice(None) if keep is None else torch.tensor(keep, device=x.device)
     with torch.no_grad():
-        final_logits = model.finish(cache[hook_name("state_post", iteration=T - 1)], mask)
-        final_logp = F.log_softmax(final_logits.float(), -1)  # [B, S, V]
+        final_logits = model.finish(cache[hook_name("state_post", iteration=T - 1)], mask)[:, at]
+        final_logp = F.log_softmax(final_logits.float(), -1)  # [B, S', V]
         final_top = final_logp.argmax(-1)
-        tgt = final_top if targets is None else targets
+        tgt = final_top if targets is None else targets[:, at]
         final_p = final_logp.exp()
         out = {n: [] for n in ("ids", "probs", "tp", "rank", "ent", "kl")}
         # one (iteration, layer) at a time: a [B, S, V] distribution in fp32 is the largest tensor
         # (stacking the layers would hold L of them: 19 GB for a 24-layer, 49k-vocabulary model)
         for t in range(T):
             for layer in range(L):
-                logits = reader(x[t, layer], hook_name("resid_post", layer=layer, iteration=t), mask)
+                name = hook_name("resid_post", layer=layer, iteration=t)
+                if reader.pointwise:
+                    logits = reader(x[t, layer][:, at], name)
+                else:  # the lens attends over positions: read them all, keep the asked ones
+                    logits = reader(x[t, layer], name, mask)[:, at]
                 logp = F.log_softmax(logits.float(), -1)  # [B, S, V]
                 del logits
                 top = logp.topk(k, dim=-1)
@@ -156,7 +182,18 @@ def logit_lens(
     return LensResult(
         top_ids=st["ids"], top_probs=st["probs"], target_prob=st["tp"], target_rank=st["rank"], entropy=st["ent"],
         kl_to_final=st["kl"], final_top=final_top, targets=tgt, lens=reader.name, str_tokens=vocab_labels(model),
+        positions=keep, length=S if keep is not None else 0,
     )
+
+
+def _positions(positions: Sequence[int], S: int) -> list[int]:
+    """Positions (negative from the end) as distinct indices into S, in the order given."""
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence) or not positions:
+        raise ValueError(f"positions must be a non-empty list of ints, got {positions!r}")
+    keep = [_checks.index(p, "position", S, "positions") for p in positions]
+    if len(set(keep)) != len(keep):
+        raise ValueError(f"positions {list(positions)} name a position twice")
+    return keep
 
 
 @dataclass(kw_only=True)
