@@ -481,6 +481,7 @@ def generate(
     attention_mask: Optional[Tensor] = None,
     prepend_bos: bool = True,
     fwd_hooks: Sequence[tuple[Any, Any]] = (),
+    l_cycles: Optional[int] = None,
 ) -> Any:
     """Generate tokens: TransformerLens's `generate` for looped models, as `model.generate(...)`.
 
@@ -507,8 +508,16 @@ def generate(
         prepend_bos: for text input, as `to_tokens`.
         fwd_hooks: (name or filter, hook) pairs active during generation; hooks fire at every
             step with the iteration in their names.
+        l_cycles: nested (HRM) models: L cycles per H cycle (default the checkpoint's). A nested
+            model has no KV cache here: each prompt is run alone on its growing sequence at every
+            step (so `use_past_kv_cache` changes nothing), with no adaptive exit.
     """
     T = check_n_loops(n_loops, model.cfg.default_loops)
+    nested = bool(getattr(model.cfg, "l_cycles", 0))
+    if l_cycles is not None and not nested:
+        raise ValueError("l_cycles= sets the L cycles of a nested (HRM) model; this model has a single loop")
+    if nested and (adaptive is not None or initial_state is not None):
+        raise ValueError("adaptive= and initial_state= are not available for nested (HRM) models")
     max_new = integer(max_new_tokens, "max_new_tokens")
     if max_new < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
@@ -568,6 +577,11 @@ def generate(
         generators = [torch.Generator(device=tokens.device).manual_seed(seed) for _ in range(B)]
 
     hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else nullcontext()
+    if nested:
+        with hooks:
+            seq, seq_mask, its = _nested(model, tokens, mask, max_new, T, l_cycles, (do_sample, top_k, top_p, temperature),
+                                         generators, eos if stop_at_eos else None, verbose)
+        return _result(model, input, is_text, return_type, seq, seq_mask, S0, its, T, None, None)
     with hooks:
         model._check_hooks_fire(T)
         model._attach_filter_hooks(T)
@@ -606,6 +620,41 @@ def generate(
                 break
 
     its = torch.stack(iterations, dim=1) if iterations else torch.zeros(B, 0, dtype=torch.long, device=tokens.device)
+    return _result(model, input, is_text, return_type, seq, seq_mask, S0, its, T, adaptive, threshold)
+
+
+def _nested(model: Any, tokens: Tensor, mask: Tensor, max_new: int, T: int, l_cycles: Optional[int],
+            sampling: tuple, generators: Optional[list[torch.Generator]], eos: Optional[int],
+            verbose: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Generation for a nested (HRM) model: each row alone on its real tokens (so its positions
+    are exact), the whole sequence recomputed at every step. Rows that met `eos` are padded with
+    it until the longest row ends, as the single-loop path does."""
+    B = tokens.shape[0]
+    new: list[list[int]] = []
+    bar = tqdm(total=B * max_new, disable=not verbose, desc="generate")
+    with torch.no_grad():
+        for b in range(B):
+            seq, row = tokens[b][mask[b].bool()], []
+            for _ in range(max_new):
+                logits = model(seq[None], n_loops=T, l_cycles=l_cycles)[:, -1]
+                nxt = int(_sample(logits, *sampling, None if generators is None else generators[b:b + 1])[0])
+                row.append(nxt)
+                seq = torch.cat([seq, seq.new_tensor([nxt])])
+                bar.update()
+                if eos is not None and nxt == eos:
+                    break
+            new.append(row)
+    bar.close()
+    width = max((len(r) for r in new), default=0)
+    grown = torch.tensor([r + [eos] * (width - len(r)) for r in new], dtype=tokens.dtype, device=tokens.device).reshape(B, width)
+    its = torch.tensor([[T] * len(r) + [0] * (width - len(r)) for r in new], dtype=torch.long, device=tokens.device).reshape(B, width)
+    return torch.cat([tokens, grown], dim=1), torch.cat([mask, torch.ones_like(grown)], dim=1), its
+
+
+def _result(model: Any, input: Any, is_text: bool, return_type: str, seq: Tensor, seq_mask: Tensor, S0: int, its: Tensor,
+            T: int, adaptive: Optional[str], threshold: Optional[float]) -> Any:
+    """What `generate` returns for `return_type`."""
+    B = seq.shape[0]
     if return_type == "tokens" or (return_type == "input" and not is_text):
         return seq
     texts = None

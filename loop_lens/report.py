@@ -168,8 +168,8 @@ def build_report(
     if l_cycles is not None and not nested:
         raise ValueError("l_cycles= sets the L cycles of a nested (HRM) model; this model has a single loop")
     run_kwargs = {"l_cycles": positive_int(l_cycles, "l_cycles")} if l_cycles is not None else {}
-    if nested and (corrupt is not None or generate):
-        raise ValueError("corrupt= and generate= are not available for nested (HRM) models yet")
+    if nested and corrupt is not None:
+        raise ValueError("corrupt= (activation patching) is not available for nested (HRM) models yet")
     position = integer(position, "position")
     seed = integer(seed, "seed")
     if isinstance(prompts, torch.Tensor):
@@ -278,7 +278,7 @@ def build_report(
         extra["patching"] = {"metric": patched.note, "site": "resid_post", "normalized": patched.result.values}
     if generate:
         gen = model.generate(tokens[:1, :length0], max_new_tokens=generate, n_loops=T, seed=seed, adaptive=adaptive,
-                             threshold=threshold, return_type="result", verbose=False, stop_at_eos=False)
+                             threshold=threshold, return_type="result", verbose=False, stop_at_eos=False, **run_kwargs)
         report.sections.append(("Compute per generated token", figure_html(gen.plot()) + block.note(
             f"{generate} tokens generated after prompt 0; mean {gen.mean_iterations:.2f} iterations per token "
             f"(at most {T}{f', adaptive exit {adaptive!r} at {threshold:g}' if adaptive else ''}).")

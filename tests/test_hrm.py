@@ -404,8 +404,6 @@ def test_nested_cache_stacks_and_unrolled_depth(tmp_path):
         cache.decompose_resid()
     sliced = cache.apply_slice_to_batch_dim(0)
     assert type(sliced).__name__ == "NestedLoopCache" and sliced.l_cycles == L
-    with pytest.raises(ValueError, match="nested"):
-        model.generate(_tokens(), max_new_tokens=2)
 
 
 def test_filter_hooks_reach_every_l_cycle_of_every_run(tmp_path):
@@ -469,3 +467,36 @@ def test_single_loop_tools_refuse_nested_models(tmp_path):
                        ("stream_analyses", lambda: stream_analyses(model, tokens))):
         with pytest.raises(ValueError, match=f"{name} runs a single-timescale loop"):
             call()
+
+
+def test_generate_equals_transformers_greedy_and_a_plain_loop(tmp_path):
+    """Greedy generation (no KV cache for nested models) equals transformers' own greedy
+    generate, and a loop over the growing sequence written here; padded batches give each row
+    what it gets alone; sampling repeats with a seed; l_cycles= reaches every step."""
+    hf = random_hrm(H_cycles=2, L_cycles=2)
+    model = saved(hf, tmp_path)
+    tokens = _tokens(seed=7, batch=1, pos=5)
+    with torch.no_grad():
+        want = hf.generate(tokens, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = model.generate(tokens, max_new_tokens=6, stop_at_eos=False, verbose=False)
+    assert torch.equal(got, want)
+
+    def plain(seq, n, **run):
+        with torch.no_grad():
+            for _ in range(n):
+                seq = torch.cat([seq, model(seq[None], **run)[0, -1].argmax()[None]])
+        return seq
+
+    torch.testing.assert_close(model.generate(tokens, max_new_tokens=4, stop_at_eos=False, verbose=False, l_cycles=5,
+                                              n_loops=3)[0], plain(tokens[0], 4, l_cycles=5, n_loops=3), atol=0, rtol=0)
+    batch = _tokens(seed=8, batch=2, pos=6)
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0  # left padding
+    result = model.generate(batch, attention_mask=mask, max_new_tokens=3, stop_at_eos=False, verbose=False, return_type="result")
+    assert torch.equal(result.generated[0], plain(batch[0], 3)[6:]) and torch.equal(result.generated[1], plain(batch[1, 2:], 3)[4:])
+    assert result.iterations.tolist() == [[2, 2, 2], [2, 2, 2]]
+    sampled = [model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=True, seed=3, stop_at_eos=False,
+                              verbose=False) for _ in range(2)]
+    assert torch.equal(sampled[0], sampled[1])
+    with pytest.raises(ValueError, match="adaptive"):
+        model.generate(tokens, max_new_tokens=2, adaptive="kl", verbose=False)

@@ -145,7 +145,10 @@ def test_report_for_a_nested_model(run, tmp_path):
         assert report.numbers["hierarchical"]["l_relative"].reshape(-1)[i].item() == pytest.approx(
             _relative(z_l[i], z_l[i - 1]).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="not available for nested"):
-        build_report(model, tokens, generate=2, progress=False)
+        build_report(model, tokens, corrupt="w1 w2", progress=False)
+    generated = build_report(model, tokens, n_loops=2, l_cycles=3, generate=2, progress=False)
+    assert "Compute per generated token" in [t for t, _ in generated.sections]
+    assert generated.numbers["generation"]["iterations"].tolist() == [2, 2]
 
     # the command line: --l-cycles reaches the run, and a single-loop model refuses it
     folder = tmp_path / "hrm"

@@ -384,10 +384,6 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         with self._l_cycles(l_cycles) as L:
             return super().run_with_hooks(*model_args, l_cycles=L, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Refused (ValueError): loop_lens's KV-cache generation runs a single-timescale loop."""
-        raise ValueError("model.generate does not run the nested (HRM) loop yet; call the model on the growing "
-                         "token sequence instead")
 
 
 class LowStackModel:
