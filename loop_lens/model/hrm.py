@@ -177,6 +177,9 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         self._l_run = cfg.l_cycles  # L cycles of the run being prepared or executed
         self._named_low: dict[int, int] = {}  # H cycle -> L cycles a hook name there asks for
         super().__init__(cfg, tokenizer)
+        # one L cycle's hook suffixes, and the H cycle's own after hook_state_pre (from the base's template)
+        self._low_suffixes = tuple(s.removeprefix("low.0.") for s in self._iter_suffixes if s.startswith("low.0."))
+        self._high_suffixes = tuple(s for s in self._iter_suffixes if not s.startswith("low.") and s != "hook_state_pre")
         self.low_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_block))
         self.stack_norm = Norm(cfg.d_model, "RMS", cfg.norm_eps, weight=False)  # closes both stacks
         self.z_l_init = nn.Parameter(torch.zeros(cfg.d_model), requires_grad=False)
@@ -211,8 +214,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         name given for it): hook points for L cycles exist only where a run or a name asks."""
         iterations = list(iterations)
         super()._materialise(iterations)
-        wanted = getattr(self, "_named_low", {})
-        grew = [self._ensure_low(self.iter[str(t)], max(self._l_run, wanted.pop(t, 0))) for t in iterations]
+        grew = [self._ensure_low(self.iter[str(t)], max(self._l_run, self._named_low.pop(t, 0))) for t in iterations]
         if any(grew):
             self.setup()
 
@@ -224,10 +226,8 @@ class HookedHrmTransformer(HookedLoopedTransformer):
 
     def loop_hook_names(self, iteration: int = 0) -> list[str]:
         """The hook names of one H cycle of the current run (its L cycles included)."""
-        low = [s.removeprefix("low.0.") for s in self._iter_suffixes if s.startswith("low.0.")]
-        high = [s for s in self._iter_suffixes if not s.startswith("low.") and s != "hook_state_pre"]
-        cycles = [f"low.{cycle}.{s}" for cycle in range(self._l_run) for s in low]
-        return [f"iter.{iteration}.{s}" for s in ["hook_state_pre", *cycles, *high]]
+        cycles = [f"low.{cycle}.{s}" for cycle in range(self._l_run) for s in self._low_suffixes]
+        return [f"iter.{iteration}.{s}" for s in ["hook_state_pre", *cycles, *self._high_suffixes]]
 
     def hook_names(self, n_loops: Optional[int] = None, l_cycles: Optional[int] = None) -> list[str]:
         """Every hook name a run with `n_loops` H cycles of `l_cycles` L cycles (default: the
@@ -239,7 +239,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         """The H cycles these names refer to (any run length, any L cycle); remembers the L
         cycles each needs, for `_materialise`."""
         found: set[int] = set()
-        self._named_low: dict[int, int] = {}
+        self._named_low = {}
         for name in names:
             if not (isinstance(name, str) and name.startswith("iter.")):
                 continue
@@ -268,29 +268,18 @@ class HookedHrmTransformer(HookedLoopedTransformer):
                         f"0..{self._l_run - 1}): it would not fire. Pass l_cycles=, or remove it with model.reset_hooks()"
                     )
 
-    def _attach_filter_hooks(self, n_loops: int) -> None:
-        """Give every filter hook the H cycles of this run, and the L cycles of each, that it has
-        not reached yet: a filter reaches every L cycle of every run, whatever ran before."""
-        todo, touched = [], set()
-        for f in self._filter_hooks:
-            for t in range(n_loops):
-                have = f.low_reach.get(t) if t in f.attached else None
-                if have is not None and have >= self._l_run:
-                    continue
-                names = self.loop_hook_names(t)
-                if have is not None:  # the H cycle's own names and the L cycles below `have` are attached
-                    names = [n for n in names if ".low." in n and parse_nested_hook_name(n).low_cycle >= have]
-                f.attached.add(t)
-                f.low_reach[t] = max(have or 0, self._l_run)
-                names = [n for n in names if f.names(n)]
-                if names:
-                    todo.append((f, names))
-                    touched.add(t)
-        self._materialise(sorted(touched))
-        for f, names in todo:
-            for n in names:
-                self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent,
-                                        level=f.level, prepend=f.prepend)
+    def _unreached(self, f: Any, t: int) -> list[str]:
+        """The base's, plus the L cycles of H cycle t that this run adds beyond those `f` was
+        offered before: a filter reaches every L cycle of every run, whatever ran before."""
+        have = f.low_reach.get(t) if t in f.attached else None
+        if have is not None and have >= self._l_run:
+            return []
+        f.attached.add(t)
+        f.low_reach[t] = max(have or 0, self._l_run)
+        names = self.loop_hook_names(t)
+        if have is None:
+            return names
+        return [n for n in names if ".low." in n and parse_nested_hook_name(n).low_cycle >= have]
 
     def _names_in_run(self, names_filter: Any, n_loops: int) -> set[str]:
         wanted = super()._names_in_run(names_filter, n_loops)
@@ -423,8 +412,7 @@ class LowStackModel:
 
     def hook_names(self, n_loops: Optional[int] = None) -> list[str]:
         """The names of the view: `iter.{i}.*` for L traversal i (running order), as an L cycle's."""
-        low = [s.removeprefix("low.0.") for s in self.model._iter_suffixes if s.startswith("low.0.")]
-        return [f"iter.{i}.{s}" for i in range(n_loops or 0) for s in low]
+        return [f"iter.{i}.{s}" for i in range(n_loops or 0) for s in self.model._low_suffixes]
 
     def tokenize(self, text: Any) -> tuple[Tensor, Tensor]:
         return self.model.tokenize(text)

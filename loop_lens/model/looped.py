@@ -330,15 +330,21 @@ class HookedLoopedTransformer(HookedRootModule):
         todo = []
         for f in self._filter_hooks:
             for t in range(n_loops):
-                if t not in f.attached:
-                    f.attached.add(t)
-                    names = [n for n in self.loop_hook_names(t) if f.names(n)]
-                    if names:
-                        todo.append((f, names))
-        self._materialise(sorted({int(names[0].split(".")[1]) for _, names in todo}))
-        for f, names in todo:
+                names = [n for n in self._unreached(f, t) if f.names(n)]
+                if names:
+                    todo.append((t, f, names))
+        self._materialise(sorted({t for t, _, _ in todo}))
+        for _, f, names in todo:
             for n in names:
                 self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent, level=f.level, prepend=f.prepend)
+
+    def _unreached(self, f: _FilterHook, t: int) -> list[str]:
+        """The hook names of iteration t in this run that filter hook `f` has not been offered
+        yet (marking them offered)."""
+        if t in f.attached:
+            return []
+        f.attached.add(t)
+        return self.loop_hook_names(t)
 
     def _named_hook_at(self, module: nn.Module) -> Optional[str]:
         """The name of a hook point under `module` holding a hook added by name, or None. Hooks a
