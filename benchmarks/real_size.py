@@ -110,6 +110,12 @@ def word_prompt(n_words: int, vocab_size: int, seed: int = 0) -> str:
     return " ".join(f"w{rng.randrange(1, vocab_size)}" for _ in range(n_words))
 
 
+RSS = r"""
+def rss(field="VmRSS"):  # VmHWM: this process's peak (ru_maxrss can carry the parent's over exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+"""
+
 LOAD = r"""
 import json, sys, time, warnings, torch
 which, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
@@ -120,9 +126,6 @@ if which == "ours":
 else:
     from transformers import LlamaForCausalLM
     load = lambda: LlamaForCausalLM.from_pretrained(path, dtype=dtype)
-def rss(field="VmRSS"):  # VmHWM: this process's peak (ru_maxrss can carry the parent's over exec)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 base = rss()
 t0 = time.perf_counter()
 model = load()
@@ -148,9 +151,7 @@ argv = sys.argv[1:]
 t0 = time.perf_counter()
 code = main(argv)
 seconds = time.perf_counter() - t0
-with open("/proc/self/status") as f:  # VmHWM: this process's peak RSS (weights included)
-    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-print(json.dumps({"seconds": seconds, "peak_bytes": peak, "exit_code": code}))
+print(json.dumps({"seconds": seconds, "peak_bytes": rss("VmHWM"), "exit_code": code}))  # weights included
 """
 
 ANALYSE = r"""
@@ -163,8 +164,7 @@ tokens = torch.randint(0, model.cfg.d_vocab, (1, seq), generator=torch.Generator
 def peak():
     if device != "cpu":
         return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:  # VmHWM: this process's own peak RSS
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return rss("VmHWM")
 with torch.no_grad():
     model(tokens[:, :8], n_loops=1)  # warm-up, and every weight read once
     if device != "cpu":
@@ -188,11 +188,12 @@ print(json.dumps({"seconds": seconds, "peak_bytes": peak(), "peak_before_bytes":
 
 
 def run(snippet: str, *args: str, threads: int | None = None) -> dict:
-    """A snippet in a fresh process; its last line of output as JSON."""
+    """A snippet in a fresh process, after `RSS` (the `rss(field)` reader); its last line of
+    output as JSON."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    out = subprocess.run([sys.executable, "-c", snippet, *args], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", RSS + snippet, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark process failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
