@@ -21,7 +21,7 @@ import numbers
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import pandas as pd
@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from loop_lens.checks import check_n_loops, integer, positive_int
-from loop_lens.model.hooks import NO_HOOKS
+from loop_lens.model.run import Run
 from loop_lens.result import Result
 
 ADAPTIVE = ("kl", "entropy", "argmax", "gate")
@@ -97,6 +97,7 @@ class _Plan:
     exit: Union[str, int]
     adaptive: Optional[str]
     threshold: float
+    options: dict = field(default_factory=dict)  # the family's run options (forward's own keywords)
 
     @property
     def per_iteration_coda(self) -> bool:
@@ -151,25 +152,94 @@ class _Criterion:
         return value < self.threshold
 
 
-def _embed(model: Any, tokens: Tensor, positions: Tensor) -> Tensor:
-    """Token (and learned position) embeddings at per-row positions."""
-    x = model.hook_embed(model.embed(tokens) * model.cfg.embed_scale)
-    if model.cfg.positional_embedding_type == "learned":
-        x = x + model.hook_pos_embed(model.pos_embed(positions))
-    return x
+class _StepRun(Run):
+    """A generation step's run: attention reads and extends the KV cache at every site, positions
+    whose iteration count is decided (`known`) or whose criterion fired stop iterating (and offer
+    their last keys and values), and the loop reports each row's exit."""
+
+    def __init__(self, model: Any, plan: _Plan, cache: KVCache, tokens: Tensor, positions: Tensor, new_mask: Tensor,
+                 starts: Union[str, Tensor], known: Optional[Tensor], done: Optional[Tensor]):
+        full_mask = new_mask if cache.mask is None else torch.cat([cache.mask, new_mask], dim=1)
+        rope = model.rotary.at(positions) if model.rotary is not None else None
+        super().__init__(tokens, plan.n_loops, plan.exit, None if bool(full_mask.all()) else full_mask, model.rotary,
+                         rope, None, options=plan.options, positions=positions, start=starts, coda_t=plan.n_loops - 1 if plan.per_iteration_coda else None)
+        B, S = tokens.shape
+        self.model, self.plan, self.cache, self.known, self.done = model, plan, cache, known, done
+        self.commits: dict[Site, tuple[Tensor, Tensor]] = {}
+        self.last: dict[tuple, tuple[Tensor, Tensor]] = {}  # a pass's tail (site after ("iter", t)) -> its last keys
+        self.deciding = known is None or bool((known < 0).any())
+        self.criterion = (_Criterion(plan.adaptive, plan.threshold, B, model.cfg.d_vocab, tokens.device)
+                          if plan.adaptive and self.deciding else None)
+        self.unknown = torch.ones(B, S, dtype=torch.bool, device=tokens.device) if known is None else known < 0
+        self.row_live = torch.ones(B, dtype=torch.bool, device=tokens.device)
+        self.exits = torch.full((B,), plan.n_loops, dtype=torch.long, device=tokens.device)
+        self.live: Optional[Tensor] = None
+
+    @property
+    def keeps_states(self) -> bool:
+        return self.plan.per_iteration_coda
+
+    def readout_all(self) -> bool:
+        return True  # every pass's coda keys are kept for the next step
+
+    def kv(self, site: tuple, hooked: bool) -> _SiteView:
+        if site[0] != "iter":
+            view = _SiteView(self.cache.past(site))
+        else:
+            view = _SiteView(self.cache.past(site), self.live, self.last.get(site[2:]))
+        return _Committing(self, site, view, hooked)
+
+    def running(self, t: int) -> bool:
+        B, S = self.tokens.shape
+        live = self.row_live[:, None].expand(B, S)
+        if self.known is not None:
+            live = torch.where(self.unknown, live, t < self.known)
+        self.live = live
+        return bool(live.any())
+
+    def after_pass(self, model: Any, t: int, before: Any, carry: Any, gate: Optional[Tensor]) -> Any:
+        carry = model._freeze(carry, before, self.live)
+        if self.criterion is not None:
+            s = model._state(carry)
+            logits = model._readout(s, self)[:, -1].float() if self.criterion.needs_logits else None
+            stop = self.criterion.check(logits, None if gate is None else gate[:, -1])
+            if self.done is not None:
+                stop = stop | self.done
+            new = stop & self.row_live
+            self.exits = torch.where(new, torch.full_like(self.exits, t + 1), self.exits)
+            self.row_live = self.row_live & ~new
+        elif self.keeps_states:
+            self.states.append(model._state(carry))
+            self.gates.append(gate)
+        return carry
+
+    def finish(self, new_mask: Tensor) -> Tensor:
+        """Commit this step's keys and values (passes nobody ran offer each position's last
+        ones) and return each row's iterations."""
+        for t in range(self.n_loops):
+            for tail, kv in self.last.items():
+                self.commits.setdefault(("iter", t, *tail), kv)
+        self.cache.commit(self.commits, new_mask)
+        if self.known is not None and not self.deciding:
+            return self.known.max(dim=1).values
+        return self.exits
 
 
-def _coda_logits(model: Any, s: Tensor, cache: KVCache, rope: Any, key_mask: Optional[Tensor], t: Optional[int],
-                 commits: Optional[dict]) -> Tensor:
-    """Unhooked readout of a state (post-loop norm, coda reading site ("coda", t, l), final
-    norm, unembedding): logits of each row's last position [batch, d_vocab]."""
-    x = model._to_coda(s, hooked=False)
-    for layer, blk in enumerate(model.coda_blocks):
-        view = _SiteView(cache.past(("coda", t, layer)))
-        x = blk(x, NO_HOOKS, model.rotary, rope, key_mask, view)
-        if commits is not None:
-            commits[("coda", t, layer)] = view.new
-    return model._unembed(x[:, -1:], hooked=False)[:, 0]
+class _Committing:
+    """A site view that records what it computed: the step's commit for the site (hooked calls
+    and per-pass readouts; a criterion's readout only reads) and the pass's last keys."""
+
+    def __init__(self, run: _StepRun, site: tuple, view: _SiteView, hooked: bool):
+        self.run, self.site, self.view, self.hooked = run, site, view, hooked
+
+    def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.view(k, v)
+        site, run = self.site, self.run
+        if site[0] == "iter":
+            run.last[site[2:]] = run.commits[site] = self.view.new
+        elif self.hooked or site[1] is not None:
+            run.commits[site] = self.view.new
+        return out
 
 
 def _advance(
@@ -183,102 +253,15 @@ def _advance(
     known: Optional[Int[Tensor, "batch pos"]] = None,
     done: Optional[Tensor] = None,
 ) -> tuple[Float[Tensor, "batch d_vocab"], Int[Tensor, " batch"]]:
-    """Run new positions against the cache, commit their keys and values, and return the next
-    token's logits and the iterations the new positions used (per row).
+    """Run new positions against the cache through the model's own network, commit their keys and
+    values, and return the next token's logits and the iterations the new positions used (per row).
 
     `known` gives positions whose iteration count is already decided (a recompute of earlier
     steps); the others exit together per row by the adaptive criterion. `done` rows (finished
     sequences) stop after their first iteration."""
-    cfg = model.cfg
-    B, S = tokens.shape
-    T = plan.n_loops
-    full_mask = new_mask if cache.mask is None else torch.cat([cache.mask, new_mask], dim=1)
-    key_mask = None if bool(full_mask.all()) else full_mask
-    rope = model.rotary.at(positions) if model.rotary is not None else None
-    commits: dict[Site, tuple[Tensor, Tensor]] = {}
-
-    x = _embed(model, tokens, positions)
-    for layer, (blk, hooks) in enumerate(zip(model.prelude_blocks, model.prelude)):
-        view = _SiteView(cache.past(("prelude", layer)))
-        x = blk(x, hooks, model.rotary, rope, key_mask, view)
-        commits[("prelude", layer)] = view.new
-    e = x
-    s = e if starts == "embed" else torch.zeros_like(e) if starts == "zeros" else starts.to(e.dtype)
-
-    deciding = known is None or bool((known < 0).any())
-    criterion = _Criterion(plan.adaptive, plan.threshold, B, cfg.d_vocab, e.device) if plan.adaptive and deciding else None
-    unknown = torch.ones(B, S, dtype=torch.bool, device=e.device) if known is None else known < 0
-    row_live = torch.ones(B, dtype=torch.bool, device=e.device)
-    exits = torch.full((B,), T, dtype=torch.long, device=e.device)
-    last: dict[int, tuple[Tensor, Tensor]] = {}
-    states, gates = [], []
-    for t in range(T):
-        live = row_live[:, None].expand(B, S)
-        if known is not None:
-            live = torch.where(unknown, live, t < known)
-        if not bool(live.any()):
-            break
-        it = model._iteration_hooks(t)
-        before = s
-        s = it.hook_state_pre(s)
-        if model.injection is not None:
-            s = it.hook_injected(model.injection(s, e))
-        for layer, blk in enumerate(model.blocks):
-            view = _SiteView(cache.past(("iter", t, layer)), live, last.get(layer))
-            s = blk(s, it.blocks[layer], model.rotary, rope, key_mask, view)
-            last[layer] = commits[("iter", t, layer)] = view.new
-        if cfg.iter_norm:
-            s = model.ln_final(s, it.ln_state)
-        s = it.hook_state_post(s)
-        gate = it.hook_exit_logit(model.exit_gate(s).squeeze(-1)) if model.exit_gate is not None else None
-        s = torch.where(live[..., None], s, before)
-        if criterion is not None:
-            logits = _coda_logits(model, s, cache, rope, key_mask, None, None).float() if criterion.needs_logits else None
-            stop = criterion.check(logits, None if gate is None else gate[:, -1])
-            if done is not None:
-                stop = stop | done
-            new = stop & row_live
-            exits = torch.where(new, torch.full_like(exits, t + 1), exits)
-            row_live = row_live & ~new
-        elif plan.per_iteration_coda:
-            states.append(s)
-            gates.append(gate[:, -1])
-    for t in range(T):  # iterations nobody ran offer each position's last keys and values
-        for layer in range(cfg.n_block):
-            commits.setdefault(("iter", t, layer), last[layer])
-
-    coda_t = T - 1 if plan.per_iteration_coda else None
-    x = model._to_coda(s, hooked=True)
-    for layer, (blk, hooks) in enumerate(zip(model.coda_blocks, model.coda)):
-        view = _SiteView(cache.past(("coda", coda_t, layer)))
-        x = blk(x, hooks, model.rotary, rope, key_mask, view)
-        commits[("coda", coda_t, layer)] = view.new
-    logits = model._unembed(x)[:, -1]
-    if plan.per_iteration_coda:
-        logits = _exit_logits(model, plan, states, gates, logits, cache, rope, key_mask, commits)
-    if known is not None and not deciding:
-        exits = known.max(dim=1).values
-    cache.commit(commits, new_mask)
-    return logits.float(), exits
-
-
-def _exit_logits(model: Any, plan: _Plan, states: list[Tensor], gates: list[Tensor], last_logits: Tensor,
-                 cache: KVCache, rope: Any, key_mask: Optional[Tensor], commits: dict) -> Tensor:
-    """The checkpoint's own exit (Ouro) for the last position: an iteration index, the gate's
-    threshold exit or the weighted exit over every iteration's readout."""
-    steps = [_coda_logits(model, s, cache, rope, key_mask, t, commits) for t, s in enumerate(states[:-1])]
-    steps.append(last_logits)
-    if isinstance(plan.exit, int):
-        return steps[plan.exit]
-    p = model.exit_distribution(torch.stack(gates))  # [T, batch]
-    if plan.exit == "weighted":
-        out = steps[0] * p[0, :, None].to(last_logits.dtype)
-        for logits, p_t in zip(steps[1:], p[1:]):
-            out = out + logits * p_t[:, None].to(last_logits.dtype)
-        return out
-    reached = torch.cumsum(p, dim=0) >= model.cfg.early_exit_threshold
-    first = torch.where(reached.any(0), reached.float().argmax(dim=0), len(steps) - 1)
-    return torch.stack(steps)[first, torch.arange(len(first), device=first.device)]
+    run = _StepRun(model, plan, cache, tokens, positions, new_mask, starts, known, done)
+    logits = model._network(run)[:, -1]
+    return logits.float(), run.finish(new_mask)
 
 
 @dataclass(kw_only=True)
@@ -481,7 +464,7 @@ def generate(
     attention_mask: Optional[Tensor] = None,
     prepend_bos: bool = True,
     fwd_hooks: Sequence[tuple[Any, Any]] = (),
-    l_cycles: Optional[int] = None,
+    **options: Any,
 ) -> Any:
     """Generate tokens: TransformerLens's `generate` for looped models, as `model.generate(...)`.
 
@@ -508,16 +491,9 @@ def generate(
         prepend_bos: for text input, as `to_tokens`.
         fwd_hooks: (name or filter, hook) pairs active during generation; hooks fire at every
             step with the iteration in their names.
-        l_cycles: nested (HRM) models: L cycles per H cycle (default the checkpoint's). A nested
-            model has no KV cache here: each prompt is run alone on its growing sequence at every
-            step (so `use_past_kv_cache` changes nothing), with no adaptive exit.
+        options: the family's own run keywords, as `forward` takes them (HRM-Text: `l_cycles=`).
     """
     T = check_n_loops(n_loops, model.cfg.default_loops)
-    nested = bool(getattr(model.cfg, "l_cycles", 0))
-    if l_cycles is not None and not nested:
-        raise ValueError("l_cycles= sets the L cycles of a nested (HRM) model; this model has a single loop")
-    if nested and (adaptive is not None or initial_state is not None):
-        raise ValueError("adaptive= and initial_state= are not available for nested (HRM) models")
     max_new = integer(max_new_tokens, "max_new_tokens")
     if max_new < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
@@ -577,12 +553,8 @@ def generate(
         generators = [torch.Generator(device=tokens.device).manual_seed(seed) for _ in range(B)]
 
     hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else nullcontext()
-    if nested:
-        with hooks:
-            seq, seq_mask, its = _nested(model, tokens, mask, max_new, T, l_cycles, (do_sample, top_k, top_p, temperature),
-                                         generators, eos if stop_at_eos else None, verbose)
-        return _result(model, input, is_text, return_type, seq, seq_mask, S0, its, T, None, None)
-    with hooks:
+    with model._options(**options) as opts, hooks:
+        plan.options = opts
         model._check_hooks_fire(T)
         model._attach_filter_hooks(T)
         seq, seq_mask = tokens, mask
@@ -621,34 +593,6 @@ def generate(
 
     its = torch.stack(iterations, dim=1) if iterations else torch.zeros(B, 0, dtype=torch.long, device=tokens.device)
     return _result(model, input, is_text, return_type, seq, seq_mask, S0, its, T, adaptive, threshold)
-
-
-def _nested(model: Any, tokens: Tensor, mask: Tensor, max_new: int, T: int, l_cycles: Optional[int],
-            sampling: tuple, generators: Optional[list[torch.Generator]], eos: Optional[int],
-            verbose: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Generation for a nested (HRM) model: each row alone on its real tokens (so its positions
-    are exact), the whole sequence recomputed at every step. Rows that met `eos` are padded with
-    it until the longest row ends, as the single-loop path does."""
-    B = tokens.shape[0]
-    new: list[list[int]] = []
-    bar = tqdm(total=B * max_new, disable=not verbose, desc="generate")
-    with torch.no_grad():
-        for b in range(B):
-            seq, row = tokens[b][mask[b].bool()], []
-            for _ in range(max_new):
-                logits = model(seq[None], n_loops=T, l_cycles=l_cycles)[:, -1]
-                nxt = int(_sample(logits, *sampling, None if generators is None else generators[b:b + 1])[0])
-                row.append(nxt)
-                seq = torch.cat([seq, seq.new_tensor([nxt])])
-                bar.update()
-                if eos is not None and nxt == eos:
-                    break
-            new.append(row)
-    bar.close()
-    width = max((len(r) for r in new), default=0)
-    grown = torch.tensor([r + [eos] * (width - len(r)) for r in new], dtype=tokens.dtype, device=tokens.device).reshape(B, width)
-    its = torch.tensor([[T] * len(r) + [0] * (width - len(r)) for r in new], dtype=torch.long, device=tokens.device).reshape(B, width)
-    return torch.cat([tokens, grown], dim=1), torch.cat([mask, torch.ones_like(grown)], dim=1), its
 
 
 def _result(model: Any, input: Any, is_text: bool, return_type: str, seq: Tensor, seq_mask: Tensor, S0: int, its: Tensor,

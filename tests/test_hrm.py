@@ -470,9 +470,10 @@ def test_single_loop_tools_refuse_nested_models(tmp_path):
 
 
 def test_generate_equals_transformers_greedy_and_a_plain_loop(tmp_path):
-    """Greedy generation (no KV cache for nested models) equals transformers' own greedy
-    generate, and a loop over the growing sequence written here; padded batches give each row
-    what it gets alone; sampling repeats with a seed; l_cycles= reaches every step."""
+    """Greedy generation (through the model's one loop, with its KV cache per traversal) equals
+    transformers' own greedy generate, and a loop over the growing sequence written here; padded
+    batches give each row what it gets alone; sampling repeats with a seed; l_cycles= reaches
+    every step; adaptive exits with the KV cache equal recomputing the sequence at every step."""
     hf = random_hrm(H_cycles=2, L_cycles=2)
     model = saved(hf, tmp_path)
     tokens = _tokens(seed=7, batch=1, pos=5)
@@ -498,5 +499,13 @@ def test_generate_equals_transformers_greedy_and_a_plain_loop(tmp_path):
     sampled = [model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=True, seed=3, stop_at_eos=False,
                               verbose=False) for _ in range(2)]
     assert torch.equal(sampled[0], sampled[1])
-    with pytest.raises(ValueError, match="adaptive"):
-        model.generate(tokens, max_new_tokens=2, adaptive="kl", verbose=False)
+    for adaptive, threshold in (("kl", 5e-2), ("argmax", 2)):
+        kw = dict(attention_mask=mask, max_new_tokens=4, n_loops=5, stop_at_eos=False, verbose=False, return_type="result",
+                  adaptive=adaptive, threshold=threshold, l_cycles=3)
+        cached, recomputed = model.generate(batch, **kw), model.generate(batch, use_past_kv_cache=False, **kw)
+        assert torch.equal(cached.tokens, recomputed.tokens) and torch.equal(cached.iterations, recomputed.iterations)
+        assert 0 < int(cached.iterations.min()) and int(cached.iterations.max()) <= 5
+        if adaptive == "argmax":  # on this model the rows exit after different numbers of H cycles
+            assert len(set(cached.iterations.flatten().tolist())) > 1
+    with pytest.raises(TypeError, match="l_cyles"):
+        model.generate(tokens, max_new_tokens=2, l_cyles=2, verbose=False)

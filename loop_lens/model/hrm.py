@@ -34,7 +34,8 @@ from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError
 from loop_lens.model.components import Block, Norm
 from loop_lens.model.hooks import NO_HOOKS, LowCycleHooks, NestedIterationHooks
-from loop_lens.model.looped import HookedLoopedTransformer, _Run, _StopAtLayer
+from loop_lens.model.looped import HookedLoopedTransformer
+from loop_lens.model.run import Run, StopAtLayer
 from loop_lens.model.names import _suffix, parse_nested_hook_name
 
 
@@ -199,6 +200,12 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         finally:
             self._l_run = before
 
+    @contextmanager
+    def _options(self, l_cycles: Any = None) -> Iterator[dict[str, Any]]:
+        """HRM's run option: `l_cycles=` (L cycles per H cycle of this run)."""
+        with self._l_cycles(l_cycles) as L:
+            yield {"l_cycles": L}
+
     def _ensure_low(self, container: nn.Module, n: int) -> bool:
         """Give an H-cycle hook container at least `n` L-cycle containers; True if it grew."""
         grew = len(container.low) < n
@@ -311,11 +318,11 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         finally:
             self._token_types = None
 
-    def _prepare(self, input: Any, *args: Any, **kwargs: Any) -> _Run:
+    def _prepare(self, input: Any, *args: Any, **kwargs: Any) -> Run:
         """The base checks, then the run's L cycles, and the PrefixLM pattern [batch, pos, pos]
         when token_type_ids were given."""
         run = super()._prepare(input, *args, **kwargs)
-        run.l_cycles = self._l_run
+        run.options["l_cycles"] = self._l_run
         tt = getattr(self, "_token_types", None)
         if tt is not None:
             B, S = run.tokens.shape
@@ -334,32 +341,34 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             run.allowed = allowed
         return run
 
-    def _loop(
-        self, s: Float[Tensor, "batch pos d_model"], e: Float[Tensor, "batch pos d_model"], run: _Run
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """`n_loops` H cycles, each `run.l_cycles` L cycles then one H stack pass. Returns the last
-        z_H, and every z_H when the exit needs them (no gate logits)."""
-        keep = run.exit != "last"
-        states: list[Tensor] = []
-        z_l = self.z_l_init.to(dtype=s.dtype, device=s.device).expand_as(s)
-        for h in range(run.n_loops):
-            it = self._iteration_hooks(h)
-            s = it.hook_state_pre(s)
-            for cycle in range(run.l_cycles):
-                low = it.low[cycle] if it is NO_HOOKS or cycle < len(it.low) else NO_HOOKS
-                x = low.hook_state_pre(z_l + s)
-                for k, blk in enumerate(self.low_blocks):
-                    x = run.layer(blk, low.blocks[k], x)
-                z_l = low.hook_state_post(self.stack_norm(x, low.ln_state))
-            x = it.hook_injected(s + z_l)
-            for k, blk in enumerate(self.blocks):
-                x = run.layer(blk, it.blocks[k], x)
-            if h == run.n_loops - 1 and run.stop_at_layer == run.depth:
-                raise _StopAtLayer(x)  # the full depth: the residual before the last H stack's closing norm
-            s = it.hook_state_post(self.stack_norm(x, it.ln_state))
-            if keep:
-                states.append(s)
-        return s, states, []
+    def _begin(self, e: Tensor, run: Run) -> tuple[Tensor, Tensor]:
+        """The carry entering H cycle 0: (z_H, z_L) = (the embedding or the given start, z_L's init)."""
+        s = super()._begin(e, run)
+        return s, self.z_l_init.to(dtype=s.dtype, device=s.device).expand_as(s)
+
+    def _state(self, carry: tuple[Tensor, Tensor]) -> Tensor:
+        return carry[0]
+
+    def _freeze(self, carry: tuple[Tensor, Tensor], before: tuple[Tensor, Tensor], live: Tensor) -> tuple[Tensor, Tensor]:
+        return tuple(torch.where(live[..., None], new, old) for new, old in zip(carry, before))
+
+    def _pass(self, run: Run, h: int, carry: tuple[Tensor, Tensor], e: Tensor, it: Any) -> tuple[Tensor, Tensor]:
+        """H cycle h: `l_cycles` L cycles, then one H stack pass. Sites: `("iter", h, "low",
+        cycle, k)` for the L stack, `("iter", h, k)` for the H stack."""
+        s, z_l = carry
+        s = it.hook_state_pre(s)
+        for cycle in range(run.options["l_cycles"]):
+            low = it.low[cycle] if it is NO_HOOKS or cycle < len(it.low) else NO_HOOKS
+            x = low.hook_state_pre(z_l + s)
+            for k, blk in enumerate(self.low_blocks):
+                x = run.layer(("iter", h, "low", cycle, k), blk, low.blocks[k], x)
+            z_l = low.hook_state_post(self.stack_norm(x, low.ln_state))
+        x = it.hook_injected(s + z_l)
+        for k, blk in enumerate(self.blocks):
+            x = run.layer(("iter", h, k), blk, it.blocks[k], x)
+        if h == run.n_loops - 1 and run.stop_at_layer == run.depth:
+            raise StopAtLayer(x)  # the full depth: the residual before the last H stack's closing norm
+        return it.hook_state_post(self.stack_norm(x, it.ln_state)), z_l
 
     # ------------------------------------------------------------------ TransformerLens run methods
     def run_with_cache(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> tuple[Any, NestedLoopCache]:

@@ -7,7 +7,7 @@ import functools
 import json
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from loop_lens.errors import HookError, HookNameError
 from loop_lens.model.components import Block, Injection, Norm, Rotary
 from loop_lens.model.hooks import NO_HOOKS, BlockHooks, IterationHooks, NormHooks
 from loop_lens.model.names import parse_hook_name
+from loop_lens.model.run import Run, StopAtLayer
 from loop_lens.saving import save_checkpoint
 from loop_lens.tokenization import decode_each, encode_batch
 
@@ -48,39 +49,6 @@ class HookedNorm(Norm):
 
     def forward(self, x: Tensor, hooks=None) -> Tensor:
         return super().forward(x, self if hooks is None else hooks)
-
-
-class _StopAtLayer(Exception):
-    """Raised inside the forward when the unrolled depth reaches `stop_at_layer`."""
-
-    def __init__(self, residual: Tensor):
-        super().__init__()
-        self.residual = residual
-
-
-@dataclass
-class _Run:
-    """One forward pass's inputs, checked once before any compute, and its depth counter."""
-
-    tokens: Tensor
-    n_loops: int
-    exit: Union[str, int]
-    mask: Optional[Tensor]
-    rotary: Optional[Rotary]
-    rope: Optional[tuple[Tensor, Tensor]]
-    stop_at_layer: Optional[int]
-    depth: int = 0
-    allowed: Optional[Tensor] = None
-    l_cycles: int = 0  # L cycles per H cycle of a nested (HRM) loop; 0 for a single-timescale loop
-    """[batch, query, key] pairs attention may use, when it is not causal-with-padding (`mask`),
-    e.g. HRM-Text's PrefixLM block."""
-
-    def layer(self, block: Block, hooks: Any, x: Tensor) -> Tensor:
-        """Run one layer of the unrolled stack, or stop here if `stop_at_layer` says so."""
-        if self.depth == self.stop_at_layer:
-            raise _StopAtLayer(x)
-        self.depth += 1
-        return block(x, hooks, self.rotary, self.rope, self.mask if self.allowed is None else self.allowed)
 
 
 @dataclass
@@ -431,7 +399,7 @@ class HookedLoopedTransformer(HookedRootModule):
         seed: Any = None,
         generator: Optional[torch.Generator] = None,
         initial_state: Optional[Tensor] = None,
-    ) -> _Run:
+    ) -> Run:
         """Check every argument before any compute and return the run's settings."""
         cfg = self.cfg
         T = check_n_loops(n_loops, cfg.default_loops)
@@ -460,7 +428,8 @@ class HookedLoopedTransformer(HookedRootModule):
         self._check_hooks_fire(T)
         self._attach_filter_hooks(T)
         rope = self.rotary(S, tokens.device) if self.rotary is not None else None
-        return _Run(tokens, T, self._resolve_exit(exit, T, return_type), mask, self.rotary, rope, stop_at_layer)
+        return Run(tokens, T, self._resolve_exit(exit, T, return_type), mask, self.rotary, rope, stop_at_layer,
+                   start=initial_state, seed=seed, generator=generator)
 
     def _depth(self, n_loops: int) -> int:
         """The unrolled depth of a run of `n_loops` iterations."""
@@ -552,76 +521,121 @@ class HookedLoopedTransformer(HookedRootModule):
         """
         run = self._prepare(input, n_loops, attention_mask, return_type, exit, stop_at_layer, seed, generator, initial_state)
         try:
-            e = self._prelude(self._embed(run.tokens), run)
-            s0 = self._start_state(e, run, initial_state, generator, seed)
-            s, states, gates = self._loop(s0, e, run)
-            x = self._coda(self._to_coda(s, hooked=True), run)
-        except _StopAtLayer as stop:
+            logits = self._network(run)
+        except StopAtLayer as stop:
             return stop.residual
-        if run.stop_at_layer == run.depth:
-            return x
-        logits = self._unembed(x)
-        if run.exit != "last":
-            logits = self._exit_logits(states, gates, run, logits)
         return self._outputs(logits, run, return_type, loss_per_token)
 
-    def _embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    # ------------------------------------------------------------------ the network, written once
+    @contextmanager
+    def _options(self, **given: Any) -> Iterator[dict[str, Any]]:
+        """The family's own run keywords, checked (a family with run options overrides this; the
+        plain loop has none). Inside, the model runs with them; the dict goes into `Run.options`."""
+        if given:
+            raise TypeError(f"unexpected keyword argument(s) {sorted(given)}: this model "
+                            f"({self.cfg.family}) takes no such run option")
+        yield {}
+
+    def _network(self, run: Run) -> Float[Tensor, "batch pos d_vocab"]:
+        """Embed, prelude, the loop, coda, unembed, and the exit: what `forward` and every
+        generation step run (they differ only in their `Run`)."""
+        e = self._prelude(self._embed(run.tokens, run.positions), run)
+        s = self._state(self._loop(self._begin(e, run), e, run))
+        x = self._coda(self._to_coda(s, hooked=True), run)
+        if run.stop_at_layer == run.depth:
+            raise StopAtLayer(x)
+        logits = self._unembed(x)
+        if run.exit != "last":
+            logits = self._exit_logits(run.states, run.gates, run, logits)
+        return logits
+
+    def _embed(self, tokens: Int[Tensor, "batch pos"], positions: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_model"]:
+        """Token (and learned position) embeddings; `positions` [batch, pos] per row, else 0..pos-1."""
         x = self.hook_embed(self.embed(tokens) * self.cfg.embed_scale)
         if self.cfg.positional_embedding_type == "learned":
-            x = x + self.hook_pos_embed(self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device)))[None]
+            if positions is None:
+                x = x + self.hook_pos_embed(self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device)))[None]
+            else:
+                x = x + self.hook_pos_embed(self.pos_embed(positions))
         return x
 
-    def _prelude(self, x: Float[Tensor, "batch pos d_model"], run: _Run) -> Float[Tensor, "batch pos d_model"]:
-        for blk, hooks in zip(self.prelude_blocks, self.prelude):
-            x = run.layer(blk, hooks, x)
+    def _prelude(self, x: Float[Tensor, "batch pos d_model"], run: Run) -> Float[Tensor, "batch pos d_model"]:
+        for layer, (blk, hooks) in enumerate(zip(self.prelude_blocks, self.prelude)):
+            x = run.layer(("prelude", layer), blk, hooks, x)
         return x
 
-    def _start_state(self, e: Tensor, run: _Run, given: Optional[Tensor], generator, seed) -> Tensor:
+    def _begin(self, e: Tensor, run: Run) -> Any:
+        """What enters pass 0 (the family's carry; here the state). `run.start` is the model's
+        rule (None), "zeros", "embed" or a given tensor."""
+        given = run.start
         if given is None:
-            return self.initial_state(e, generator=generator, seed=seed, attention_mask=run.mask)
+            return self.initial_state(e, generator=run.generator, seed=run.seed, attention_mask=run.mask)
+        if isinstance(given, str):
+            return e if given == "embed" else torch.zeros_like(e)
         return given.to(device=e.device, dtype=e.dtype)
 
-    def _loop(
-        self, s: Float[Tensor, "batch pos d_model"], e: Float[Tensor, "batch pos d_model"], run: _Run
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """`n_loops` iterations of: inject, the block, (Ouro) the per-iteration norm and exit gate.
-        Returns the last state, and every state and gate logit when the exit needs them."""
-        keep = run.exit != "last"
-        states, gates = [], []
+    def _state(self, carry: Any) -> Tensor:
+        """The state a carry holds (what lenses and the coda read)."""
+        return carry
+
+    def _freeze(self, carry: Any, before: Any, live: Tensor) -> Any:
+        """The carry with positions where `live` [batch, pos] is False kept as `before`."""
+        return torch.where(live[..., None], carry, before)
+
+    def _loop(self, carry: Any, e: Float[Tensor, "batch pos d_model"], run: Run) -> Any:
+        """The loop, written once for every family: pass after pass, each the family's `_pass`
+        and `_gate`, each handed to the run (`Run.after_pass`). Returns the last carry."""
         for t in range(run.n_loops):
-            it = self._iteration_hooks(t)
-            s = it.hook_state_pre(s)
-            if self.injection is not None:
-                s = it.hook_injected(self.injection(s, e))
-            for layer, blk in enumerate(self.blocks):
-                s = run.layer(blk, it.blocks[layer], s)
-            if self.cfg.iter_norm:
-                if t == run.n_loops - 1 and self.cfg.n_coda == 0 and run.stop_at_layer == run.depth:
-                    raise _StopAtLayer(s)  # the full depth: the residual before the last norm, which is the final norm
-                s = self.ln_final(s, it.ln_state)
-            s = it.hook_state_post(s)
-            if self.exit_gate is not None:
-                gate = it.hook_exit_logit(self.exit_gate(s).squeeze(-1))
-                if keep:
-                    gates.append(gate)
-            if keep:
-                states.append(s)
-        return s, states, gates
+            if not run.running(t):
+                break
+            hooks = self._iteration_hooks(t)
+            before = carry
+            carry = self._pass(run, t, carry, e, hooks)
+            carry = run.after_pass(self, t, before, carry, self._gate(run, t, carry, hooks))
+        return carry
+
+    def _pass(self, run: Run, t: int, s: Tensor, e: Tensor, hooks: Any) -> Tensor:
+        """One pass of the looped section (the family's step): inject, the block, (Ouro) the
+        per-iteration norm."""
+        s = hooks.hook_state_pre(s)
+        if self.injection is not None:
+            s = hooks.hook_injected(self.injection(s, e))
+        for layer, blk in enumerate(self.blocks):
+            s = run.layer(("iter", t, layer), blk, hooks.blocks[layer], s)
+        if self.cfg.iter_norm:
+            if t == run.n_loops - 1 and self.cfg.n_coda == 0 and run.stop_at_layer == run.depth:
+                raise StopAtLayer(s)  # the full depth: the residual before the last norm, which is the final norm
+            s = self.ln_final(s, hooks.ln_state)
+        return hooks.hook_state_post(s)
+
+    def _gate(self, run: Run, t: int, carry: Any, hooks: Any) -> Optional[Tensor]:
+        """The exit gate's logit after pass t [batch, pos] (Ouro), or None."""
+        if self.exit_gate is None:
+            return None
+        return hooks.hook_exit_logit(self.exit_gate(self._state(carry)).squeeze(-1))
 
     def _to_coda(self, s: Tensor, hooked: bool) -> Tensor:
         if self.cfg.norm_after_loop:
             s = self.ln_final(s, self.ln_loop if hooked else NO_HOOKS)
         return self.hook_latent(s) if hooked else s
 
-    def _coda(self, x: Float[Tensor, "batch pos d_model"], run: _Run) -> Float[Tensor, "batch pos d_model"]:
-        for blk, hooks in zip(self.coda_blocks, self.coda):
-            x = run.layer(blk, hooks, x)
+    def _coda(self, x: Float[Tensor, "batch pos d_model"], run: Run) -> Float[Tensor, "batch pos d_model"]:
+        for layer, (blk, hooks) in enumerate(zip(self.coda_blocks, self.coda)):
+            x = run.layer(("coda", run.coda_t, layer), blk, hooks, x)
         return x
 
     def _unembed(self, x: Float[Tensor, "batch pos d_model"], hooked: bool = True) -> Float[Tensor, "batch pos d_vocab"]:
         if self.cfg.final_norm:
             x = self.ln_final(x) if hooked else self.ln_final(x, NO_HOOKS)
         return self.unembed(x)
+
+    def _readout(self, state: Tensor, run: Run, t: Optional[int] = None) -> Float[Tensor, "batch pos d_vocab"]:
+        """Unhooked logits of a state: the rest of the network after the loop, its coda layers at
+        sites `("coda", t, l)` of `run` (which neither count for `stop_at_layer` nor stop)."""
+        x = self._to_coda(state, hooked=False)
+        for layer, blk in enumerate(self.coda_blocks):
+            x = run.layer(("coda", t, layer), blk, NO_HOOKS, x, count=False)
+        return self._unembed(x, hooked=False)
 
     def initial_state(
         self,
@@ -668,10 +682,7 @@ class HookedLoopedTransformer(HookedRootModule):
         model without a coda it is the logit lens of the state."""
         S = state.shape[1]
         rope = self.rotary(S, state.device) if self.rotary is not None else None
-        x = self._to_coda(state, hooked=False)
-        for blk in self.coda_blocks:
-            x = blk(x, NO_HOOKS, self.rotary, rope, attention_mask)
-        return self._unembed(x, hooked=False)
+        return self._readout(state, Run(state, 0, "last", attention_mask, self.rotary, rope, None))
 
     def exit_distribution(self, gate_logits: Float[Tensor, "T batch pos"]) -> Float[Tensor, "T batch pos"]:
         """Ouro's exit probabilities: p_t = lambda_t prod_{j<t}(1 - lambda_j), the last step
@@ -686,32 +697,32 @@ class HookedLoopedTransformer(HookedRootModule):
         p.append(remaining)
         return torch.stack(p)
 
-    def _exit_logits(self, states: list[Tensor], gates: list[Tensor], run: _Run, last_logits: Tensor) -> Tensor:
+    def _exit_logits(self, states: list[Tensor], gates: list[Tensor], run: Run, last_logits: Tensor) -> Tensor:
         """Logits of an exit other than the last iteration. One iteration's [batch, pos, vocab]
         logits at a time: holding all T of them took 3.2 GB at T = 64 on a 49k vocabulary."""
         if isinstance(run.exit, int):
-            return self.finish(states[run.exit], run.mask)
+            return self._readout(states[run.exit], run, run.exit)
         last = len(states) - 1
         p = self.exit_distribution(torch.stack(gates))  # [T, batch, pos]
         if run.exit == "weighted":  # sum_t p_t logits_t, added in the reference's order
             out = None
             for t, s in enumerate(states):
-                term = (last_logits if t == last else self.finish(s, run.mask)) * p[t, ..., None].to(last_logits.dtype)
+                term = (last_logits if t == last else self._readout(s, run, t)) * p[t, ..., None].to(last_logits.dtype)
                 out = term if out is None else out + term
             return out
         reached = torch.cumsum(p, dim=0) >= self.cfg.early_exit_threshold
         first = torch.where(reached.any(0), reached.float().argmax(dim=0), last)  # [batch, pos]
         if self.cfg.n_coda == 0:  # the rest of the network reads each position alone: finish the chosen states once
             chosen = torch.stack(states).gather(0, first[None, ..., None].expand(1, *states[0].shape))[0]
-            return self.finish(chosen, run.mask)
+            return self._readout(chosen, run)
         out = last_logits.clone()
         for t, s in enumerate(states[:-1]):
             here = first == t
-            if bool(here.any()):
-                out[here] = self.finish(s, run.mask)[here]
+            if run.readout_all() or bool(here.any()):
+                out[here] = self._readout(s, run, t)[here]
         return out
 
-    def _outputs(self, logits: Tensor, run: _Run, return_type: Optional[str], per_token: bool) -> Any:
+    def _outputs(self, logits: Tensor, run: Run, return_type: Optional[str], per_token: bool) -> Any:
         if return_type == "logits":
             return logits
         if return_type is None:
