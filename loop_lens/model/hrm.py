@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from loop_lens.cache import _FINAL_NORM, _UNROLLED_RE, LoopCache, UnrolledView
@@ -35,8 +34,8 @@ from loop_lens.errors import ConfigError, HookNameError
 from loop_lens.model.components import Block, Norm
 from loop_lens.model.hooks import NO_HOOKS, LowCycleHooks, NestedIterationHooks
 from loop_lens.model.looped import HookedLoopedTransformer
-from loop_lens.model.run import Run, StopAtLayer
 from loop_lens.model.names import _suffix, parse_nested_hook_name
+from loop_lens.model.run import Run, StopAtLayer
 
 
 class NestedLoopCache(LoopCache):
