@@ -10,10 +10,9 @@ and every other `ActivationCache` helper give exactly what they give on `cache.u
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -23,14 +22,8 @@ from transformer_lens.utilities import Slice, SliceInput, get_act_name
 
 from loop_lens.config import LoopConfig
 from loop_lens.model.hooks import NO_HOOKS
-from loop_lens.model.names import _suffix, parse_hook_name
-
-if TYPE_CHECKING:
-    from loop_lens.model.components import Block
-    from loop_lens.model.looped import HookedLoopedTransformer
-
-_UNROLLED_RE = re.compile(r"blocks\.(\d+)\.(.+)")
-_FINAL_NORM = "ln_final."
+from loop_lens.model.names import _suffix
+from loop_lens.model.schedule import Schedule
 
 
 def _on_unrolled(name: str) -> Callable[..., Any]:
@@ -72,12 +65,16 @@ class LoopCache(ActivationCache):
     def __init__(
         self,
         cache_dict: dict[str, Tensor],
-        model: HookedLoopedTransformer,
+        model: Any,
         n_loops: int,
         has_batch_dim: bool = True,
+        schedule: Optional[Schedule] = None,
     ):
+        """`model` is the looped model that ran; `schedule` the run's layout (default: the
+        model's schedule of `n_loops` passes with its own run options)."""
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
         self.n_loops = n_loops
+        self.schedule = model.schedule(n_loops) if schedule is None else schedule
 
     def __getitem__(self, key: Union[str, tuple]) -> Tensor:
         """A loop-native name, or a TransformerLens key (`"blocks.{k}.*"`, `(name, layer)`,
@@ -112,38 +109,38 @@ class LoopCache(ActivationCache):
     @property
     def depth(self) -> int:
         """The run's unrolled depth."""
-        return self.cfg.depth(self.n_loops)
+        return self.schedule.depth
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The family's run options the cached run used (HRM-Text: `l_cycles`)."""
+        return self.schedule.options
 
     def _hook_names(self) -> list[str]:
         """Every hook name the cached run fired."""
-        return self.model.hook_names(self.n_loops)
+        return self.model.hook_names(self.n_loops, **self.options)
 
     def _run_label(self) -> str:
         """How the cached run's length reads in messages."""
-        return f"n_loops={self.n_loops}"
+        return ", ".join(f"{k}={v}" for k, v in {"n_loops": self.n_loops, **self.options}.items())
 
     def _like(self, cache_dict: dict[str, Tensor], has_batch_dim: bool) -> LoopCache:
-        """A cache of the same run (same class and iterations) holding `cache_dict`."""
-        return LoopCache(cache_dict, self.model, self.n_loops, has_batch_dim=has_batch_dim)
+        """A cache of the same run (same class and schedule) holding `cache_dict`."""
+        like = type(self).__new__(type(self))
+        like.__dict__.update(self.__dict__)
+        ActivationCache.__init__(like, cache_dict, self.model, has_batch_dim=has_batch_dim)
+        return like
 
     def depth_index(self, iteration: int, layer: int) -> int:
         """Unrolled depth of block layer `layer` at iteration `iteration`."""
         if not (0 <= iteration < self.n_loops and 0 <= layer < self.cfg.n_block):
             raise IndexError(f"(iteration={iteration}, layer={layer}) outside {self.n_loops} x {self.cfg.n_block}")
-        return self.cfg.n_prelude + iteration * self.cfg.n_block + layer
+        return self.schedule.depth_of(f"iter.{iteration}.blocks.{layer}")
 
-    def loop_index(self, depth: int) -> tuple[str, Optional[int], int]:
-        """Unrolled depth -> (phase, iteration or None, layer within its phase)."""
-        p, k = self.cfg.n_prelude, self.cfg.n_block
-        total = self.depth
-        if not 0 <= depth < total:
-            raise IndexError(f"depth {depth} outside the unrolled depth {total}")
-        if depth < p:
-            return ("prelude", None, depth)
-        if depth < p + self.n_loops * k:
-            t, layer = divmod(depth - p, k)
-            return ("loop", t, layer)
-        return ("coda", None, depth - p - self.n_loops * k)
+    def loop_index(self, depth: int) -> tuple:
+        """Unrolled depth -> (phase, iteration or None, layer within its phase); a family with
+        more stacks reports its own coordinates between the iteration and the layer."""
+        return self.schedule.at(depth).index
 
     def stack(self, kind: str) -> Tensor:
         """One hook kind over all iterations and block layers: [n_loops, n_block, ...].
@@ -161,44 +158,14 @@ class LoopCache(ActivationCache):
         return torch.stack(out)
 
     # ------------------------------------------------------------------ the two namings
-    def _last_iter_norm_is_final(self) -> bool:
-        """Ouro-style: no final norm of its own, the last iteration's norm feeds the unembedding."""
-        c = self.cfg
-        return not c.final_norm and c.iter_norm and c.n_coda == 0
-
     def unrolled_name(self, name: str) -> str:
         """A loop-native hook name -> its name on the unrolled depth
         (`iter.1.blocks.0.hook_resid_pre` -> `blocks.{depth_index(1, 0)}.hook_resid_pre`)."""
-        try:
-            phase, it, layer, kind = parse_hook_name(name)
-        except ValueError:
-            return name
-        if layer is None:
-            if self._last_iter_norm_is_final() and name.startswith(f"iter.{self.n_loops - 1}.ln_state."):
-                return _FINAL_NORM + name.removeprefix(f"iter.{self.n_loops - 1}.ln_state.")
-            return name
-        if phase == "prelude":
-            depth = layer
-        elif phase == "loop":
-            depth = self.depth_index(it, layer)
-        else:
-            depth = self.cfg.n_prelude + self.n_loops * self.cfg.n_block + layer
-        return f"blocks.{depth}.{kind}"
+        return self.schedule.unrolled_name(name)
 
     def loop_name(self, name: str) -> str:
         """A name on the unrolled depth (`blocks.{k}.*`) -> the loop-native hook name."""
-        m = _UNROLLED_RE.fullmatch(name)
-        if m is None:
-            if self._last_iter_norm_is_final() and name.startswith(_FINAL_NORM):
-                return f"iter.{self.n_loops - 1}.ln_state." + name.removeprefix(_FINAL_NORM)
-            return name
-        depth, kind = int(m[1]), m[2]
-        try:
-            phase, it, layer = self.loop_index(depth)
-        except IndexError as e:
-            raise KeyError(f"{name!r}: {e}") from None
-        prefix = f"iter.{it}.blocks.{layer}" if phase == "loop" else f"{phase}.{layer}"
-        return f"{prefix}.{kind}"
+        return self.schedule.loop_name(name)
 
     def unrolled(self) -> UnrolledCache:
         """The same tensors as an ActivationCache over the unrolled depth (`blocks.{k}.*`, the
@@ -210,7 +177,7 @@ class LoopCache(ActivationCache):
         return UnrolledCache(renamed, self._unrolled_view(), has_batch_dim=self.has_batch_dim)
 
     def _unrolled_view(self) -> UnrolledView:
-        return UnrolledView(self.model, self.n_loops)
+        return UnrolledView(self.model, self.schedule)
 
     def _run_unrolled(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Run TransformerLens's `name` on `unrolled()`; keep what it caches (head results)."""
@@ -251,29 +218,9 @@ class UnrolledCache(ActivationCache):
     model: UnrolledView
 
     def _additivity_breaks(self, per_head: bool) -> list[str]:
-        """Why the final residual is not embed + every layer's output (per head / neuron if asked)."""
-        c = self.model.loop_cfg
-        breaks = []
-        if self.model.l_cycles:
-            breaks.append("the nested loop feeds each stack z_L + z_H and normalises each stack's output")
-        if c.norm_placement == "sandwich_resid":
-            breaks.append("norm_placement='sandwich_resid' normalises the residual stream after every sublayer")
-        elif per_head and c.norm_placement != "pre":
-            breaks.append(
-                f"norm_placement={c.norm_placement!r} normalises each sublayer's output, so head and "
-                "neuron results do not sum to attn_out / mlp_out"
-            )
-        if c.injection != "none" and not self.model.l_cycles:
-            breaks.append(f"injection={c.injection!r} recombines the state with the embedding at every iteration")
-        if c.initial_state != "embed":
-            breaks.append(
-                f"initial_state={c.initial_state!r} starts the loop from a state that is not the prelude's output"
-            )
-        if c.iter_norm:
-            breaks.append("iter_norm normalises the state after every iteration")
-        if c.norm_after_loop:
-            breaks.append("norm_after_loop normalises the state before the coda")
-        return breaks
+        """Why the final residual is not embed + every layer's output (per head / neuron if asked):
+        the model says (`_additivity_breaks`)."""
+        return self.model.model._additivity_breaks(per_head)
 
     def _require_additive(self, method: str, per_head: bool = False) -> None:
         breaks = self._additivity_breaks(per_head)
@@ -321,7 +268,7 @@ def _bias(linear: nn.Linear) -> Float[Tensor, " d_out"]:
     return torch.zeros(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-def _tl_block(block: Block) -> SimpleNamespace:
+def _tl_block(block: Any) -> SimpleNamespace:
     """One layer's weights under TransformerLens's names (`attn.W_O`, `mlp.W_out`, ...)."""
     return SimpleNamespace(
         ln1=block.ln1,
@@ -344,19 +291,41 @@ class _FinalNorm(nn.Module):
         return x if self.norm is None else self.norm(x, NO_HOOKS)
 
 
+def additivity_breaks(c: LoopConfig, per_head: bool) -> list[str]:
+    """Why, in a model with config `c`, the final residual is not embed + every layer's output
+    (per head / neuron if asked); empty when it is."""
+    breaks = []
+    if c.norm_placement == "sandwich_resid":
+        breaks.append("norm_placement='sandwich_resid' normalises the residual stream after every sublayer")
+    elif per_head and c.norm_placement != "pre":
+        breaks.append(
+            f"norm_placement={c.norm_placement!r} normalises each sublayer's output, so head and "
+            "neuron results do not sum to attn_out / mlp_out"
+        )
+    if c.injection != "none":
+        breaks.append(f"injection={c.injection!r} recombines the state with the embedding at every iteration")
+    if c.initial_state != "embed":
+        breaks.append(
+            f"initial_state={c.initial_state!r} starts the loop from a state that is not the prelude's output"
+        )
+    if c.iter_norm:
+        breaks.append("iter_norm normalises the state after every iteration")
+    if c.norm_after_loop:
+        breaks.append("norm_after_loop normalises the state before the coda")
+    return breaks
+
+
 class UnrolledView:
     """The model as TransformerLens's cache helpers see it: `n_layers` = unrolled depth, with
-    `blocks[k]` the (shared) weights of the layer run at depth k. For a nested (HRM) run,
-    `l_cycles` > 0: each H cycle runs the L stack `l_cycles` times, then the H stack, and the
-    norm closing the H stack is the final norm."""
+    `blocks[k]` the (shared) weights of the layer run at depth k, from the run's schedule, and
+    the schedule's final norm."""
 
-    def __init__(self, model: HookedLoopedTransformer, n_loops: int, l_cycles: int = 0, final: Optional[nn.Module] = None):
+    def __init__(self, model: Any, schedule: Schedule):
         c = model.cfg
         self.model = model
         self.loop_cfg = c
-        self.l_cycles = l_cycles
         self.cfg = SimpleNamespace(
-            n_layers=c.depth(n_loops, l_cycles),
+            n_layers=schedule.depth,
             d_model=c.d_model,
             n_heads=c.n_heads,
             d_head=c.d_head,
@@ -367,19 +336,13 @@ class UnrolledView:
             final_rms=c.normalization_type == "RMS",
             model_name=c.model_name,
         )
-        prelude, block, coda = (
-            [_tl_block(b) for b in bs] for bs in (model.prelude_blocks, model.blocks, model.coda_blocks)
-        )
-        if l_cycles:
-            low = [_tl_block(b) for b in model.low_blocks]
-            self.blocks = (low * l_cycles + block) * n_loops
-            self.has_final_norm, final = True, model.stack_norm
-        else:
-            self.blocks = prelude + block * n_loops + coda
-            self.has_final_norm = c.final_norm or (c.iter_norm and c.n_coda == 0)
-            final = final if final is not None else model.ln_final if self.has_final_norm else None
-        if final is not None:  # a view that names its own final norm (an HRM L-stack view: the stack's closing norm)
-            self.has_final_norm = True
+        shared: dict[tuple[str, int], SimpleNamespace] = {}  # one view per layer's weights, shared across passes
+        for tr in schedule:
+            if (tr.stack, tr.layer) not in shared:
+                shared[tr.stack, tr.layer] = _tl_block(getattr(model, tr.stack)[tr.layer])
+        self.blocks = [shared[tr.stack, tr.layer] for tr in schedule]
+        final = getattr(model, schedule.final_norm) if schedule.final_norm else None
+        self.has_final_norm = final is not None
         self.ln_final = _FinalNorm(final)
         self.unembed = model.unembed
 

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from loop_lens.cache import _FINAL_NORM, _UNROLLED_RE, LoopCache, UnrolledView
+from loop_lens.cache import LoopCache, additivity_breaks
 from loop_lens.checks import positive_int
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError
@@ -36,6 +36,7 @@ from loop_lens.model.hooks import NO_HOOKS, LowCycleHooks, NestedIterationHooks
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.model.names import _suffix, parse_nested_hook_name
 from loop_lens.model.run import Run, StopAtLayer
+from loop_lens.model.schedule import Schedule, Step
 
 
 class NestedLoopCache(LoopCache):
@@ -43,33 +44,17 @@ class NestedLoopCache(LoopCache):
 
     Names work as usual (`iter.{h}.low.{l}.blocks.{k}.*`, `iter.{h}.blocks.{k}.*`).
     `stack(kind)` is the H stack [n_loops, n_block, ...], `stack(kind, low=True)` the L stack
-    [n_loops, l_cycles, n_block, ...]. The unrolled depth lists every traversal in the order it
-    runs: in each H cycle the L stack `l_cycles` times, then the H stack, so `blocks.{d}.*`,
-    `unrolled()` and TransformerLens's helpers see the run as `n_loops * (l_cycles + 1) * n_block`
-    layers, with the norm closing the last H stack as the final norm (as the logits are read).
+    [n_loops, l_cycles, n_block, ...]. The unrolled depth (the model's schedule) lists every
+    traversal in the order it runs: in each H cycle the L stack `l_cycles` times, then the H
+    stack, so `blocks.{d}.*`, `unrolled()` and TransformerLens's helpers see the run as
+    `n_loops * (l_cycles + 1) * n_block` layers, with the norm closing the last H stack as the
+    final norm (as the logits are read).
     """
 
-    def __init__(self, cache_dict: dict[str, Tensor], model: Any, n_loops: int, has_batch_dim: bool = True,
-                 l_cycles: Optional[int] = None):
-        super().__init__(cache_dict, model, n_loops, has_batch_dim=has_batch_dim)
-        self.l_cycles = model.cfg.l_cycles if l_cycles is None else int(l_cycles)
-
     @property
-    def depth(self) -> int:
-        """The run's unrolled depth: every traversal of either stack, layer by layer."""
-        return self.cfg.depth(self.n_loops, self.l_cycles)
-
-    def _hook_names(self) -> list[str]:
-        return self.model.hook_names(self.n_loops, l_cycles=self.l_cycles)
-
-    def _like(self, cache_dict: dict[str, Tensor], has_batch_dim: bool) -> NestedLoopCache:
-        return NestedLoopCache(cache_dict, self.model, self.n_loops, has_batch_dim=has_batch_dim, l_cycles=self.l_cycles)
-
-    def _unrolled_view(self) -> UnrolledView:
-        return UnrolledView(self.model, self.n_loops, l_cycles=self.l_cycles)
-
-    def _last_iter_norm_is_final(self) -> bool:
-        return True  # the norm closing the last H stack is what the unembedding reads
+    def l_cycles(self) -> int:
+        """The run's L cycles per H cycle."""
+        return self.options["l_cycles"]
 
     def depth_index(self, iteration: int, layer: int, low_cycle: Optional[int] = None) -> int:
         """Unrolled depth of layer `layer` of the H stack in H cycle `iteration`, or with
@@ -78,18 +63,8 @@ class NestedLoopCache(LoopCache):
         if not (0 <= iteration < self.n_loops and 0 <= layer < K) or not (low_cycle is None or 0 <= low_cycle < L):
             raise IndexError(f"(iteration={iteration}, low_cycle={low_cycle}, layer={layer}) outside "
                              f"{self.n_loops} H cycles x {L} L cycles x {K} layers")
-        within = (L if low_cycle is None else low_cycle) * K + layer
-        return iteration * K * (L + 1) + within
-
-    def loop_index(self, depth: int) -> tuple[str, int, Optional[int], int]:
-        """Unrolled depth -> `("low", h, l, layer)` for the L stack in L cycle l of H cycle h, or
-        `("loop", h, None, layer)` for the H stack of H cycle h."""
-        K, L = self.cfg.n_block, self.l_cycles
-        if not 0 <= depth < self.depth:
-            raise IndexError(f"depth {depth} outside the unrolled depth {self.depth}")
-        h, rest = divmod(depth, K * (L + 1))
-        cycle, layer = divmod(rest, K)
-        return ("low", h, cycle, layer) if cycle < L else ("loop", h, None, layer)
+        low = "" if low_cycle is None else f"low.{low_cycle}."
+        return self.schedule.depth_of(f"iter.{iteration}.{low}blocks.{layer}")
 
     def stack(self, kind: str, low: bool = False) -> Tensor:
         """One hook kind over the H stack, [n_loops, n_block, ...] ([n_loops, ...] per cycle), or
@@ -129,31 +104,6 @@ class NestedLoopCache(LoopCache):
                 renamed[f"iter.{h * L + cycle}." + (f"blocks.{layer}." if layer is not None else "") + kind] = value
         return LowStackCache(renamed, LowStackModel(self.model, L), self.n_loops * L, has_batch_dim=self.has_batch_dim)
 
-    def unrolled_name(self, name: str) -> str:
-        """A nested hook name -> its name on the unrolled depth
-        (`iter.1.low.0.blocks.1.hook_resid_pre` -> `blocks.{depth_index(1, 1, low_cycle=0)}.hook_resid_pre`)."""
-        try:
-            h, cycle, layer, kind = parse_nested_hook_name(name)
-        except ValueError:
-            return name
-        if layer is None:
-            last = f"iter.{self.n_loops - 1}.ln_state."
-            return _FINAL_NORM + name.removeprefix(last) if name.startswith(last) else name
-        return f"blocks.{self.depth_index(h, layer, cycle)}.{kind}"
-
-    def loop_name(self, name: str) -> str:
-        """A name on the unrolled depth (`blocks.{d}.*`, `ln_final.*`) -> the nested hook name."""
-        m = _UNROLLED_RE.fullmatch(name)
-        if m is None:
-            if name.startswith(_FINAL_NORM):
-                return f"iter.{self.n_loops - 1}.ln_state." + name.removeprefix(_FINAL_NORM)
-            return name
-        try:
-            phase, h, cycle, layer = self.loop_index(int(m[1]))
-        except IndexError as e:
-            raise KeyError(f"{name!r}: {e}") from None
-        return f"iter.{h}.low.{cycle}.blocks.{layer}.{m[2]}" if phase == "low" else f"iter.{h}.blocks.{layer}.{m[2]}"
-
 
 class HookedHrmTransformer(HookedLoopedTransformer):
     """A nested looped transformer (HRM-Text): `n_loops` H cycles of `l_cycles` L cycles.
@@ -167,6 +117,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     """
 
     iteration_hooks_cls = NestedIterationHooks
+    _cache_cls = NestedLoopCache
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
         if cfg.l_cycles < 1:
@@ -296,8 +247,21 @@ class HookedHrmTransformer(HookedLoopedTransformer):
                     raise HookNameError(f"{name!r} is in L cycle {cycle}, but this run has l_cycles={self._l_run}")
         return wanted
 
-    def _depth(self, n_loops: int) -> int:
-        return self.cfg.depth(n_loops, self._l_run)
+    def _current_options(self) -> dict[str, Any]:
+        return {"l_cycles": self._l_run}
+
+    def _schedule(self, n_loops: int) -> Schedule:
+        """Each H cycle traverses the L stack `l_cycles` times, then the H stack; the norm
+        closing the last H stack is the final norm."""
+        K, L = self.cfg.n_block, self._l_run
+        low = [Step(("low", c, k), f"low.{c}.blocks.{k}", "low_blocks", k, "low", (c,)) for c in range(L) for k in range(K)]
+        high = [Step((k,), f"blocks.{k}", "blocks", k, "loop", (None,)) for k in range(K)]
+        return Schedule(n_loops, (), tuple(low + high), (), final_norm="stack_norm",
+                        final_alias=f"iter.{n_loops - 1}.ln_state", options=self._current_options())
+
+    def _additivity_breaks(self, per_head: bool) -> list[str]:
+        breaks = [b for b in super()._additivity_breaks(per_head) if not b.startswith("injection=")]
+        return ["the nested loop feeds each stack z_L + z_H and normalises each stack's output", *breaks]
 
     # ------------------------------------------------------------------ the forward pass
     def forward(self, input: Any, n_loops: Optional[int] = None, *, token_type_ids: Optional[Tensor] = None,
@@ -373,8 +337,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     def run_with_cache(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> tuple[Any, NestedLoopCache]:
         """`HookedLoopedTransformer.run_with_cache` (with `l_cycles=`), returning a NestedLoopCache."""
         with self._l_cycles(l_cycles) as L:  # for choosing the names; the forward gets l_cycles itself
-            out, cache = super().run_with_cache(*model_args, l_cycles=L, **kwargs)
-        return out, NestedLoopCache(cache.cache_dict, self, cache.n_loops, has_batch_dim=cache.has_batch_dim, l_cycles=L)
+            return super().run_with_cache(*model_args, l_cycles=L, **kwargs)
 
     def run_with_hooks(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> Any:
         """TransformerLens's `run_with_hooks`, with `l_cycles=` (hooks may name any L cycle the run has)."""
@@ -400,7 +363,15 @@ class LowStackModel:
         self.tokenizer = model.tokenizer
         self.blocks = model.low_blocks
         self.prelude_blocks, self.coda_blocks = nn.ModuleList(), nn.ModuleList()
-        self.unembed, self.ln_final = model.unembed, model.ln_final
+        self.unembed, self.ln_final, self.stack_norm = model.unembed, model.ln_final, model.stack_norm
+
+    def schedule(self, n_loops: int) -> Schedule:
+        """The L traversals in running order, the norm closing the last one as the final norm."""
+        steps = tuple(Step((k,), f"blocks.{k}", "blocks", k) for k in range(self.cfg.n_block))
+        return Schedule(n_loops, (), steps, (), final_norm="stack_norm", final_alias=f"iter.{n_loops - 1}.ln_state")
+
+    def _additivity_breaks(self, per_head: bool) -> list[str]:
+        return additivity_breaks(self.cfg, per_head)
 
     @property
     def device(self) -> torch.device:
@@ -440,14 +411,5 @@ class LowStackModel:
 
 class LowStackCache(LoopCache):
     """`NestedLoopCache.low_view()`: the L stack's traversals as iterations. On the unrolled depth
-    the norm closing the last L traversal is the final norm, so TransformerLens's helpers with
-    `apply_ln=True` read states as the L view's logit lens does."""
-
-    def _last_iter_norm_is_final(self) -> bool:
-        return True
-
-    def _unrolled_view(self) -> UnrolledView:
-        return UnrolledView(self.model, self.n_loops, final=self.model.model.stack_norm)
-
-    def _like(self, cache_dict: dict[str, Tensor], has_batch_dim: bool) -> LowStackCache:
-        return LowStackCache(cache_dict, self.model, self.n_loops, has_batch_dim=has_batch_dim)
+    the norm closing the last L traversal is the final norm (the view's schedule), so
+    TransformerLens's helpers with `apply_ln=True` read states as the L view's logit lens does."""

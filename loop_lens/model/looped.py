@@ -21,7 +21,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from loop_lens import generation
-from loop_lens.cache import LoopCache
+from loop_lens.cache import LoopCache, additivity_breaks
 from loop_lens.checks import check_n_loops, integer
 from loop_lens.config import LoopConfig
 from loop_lens.errors import HookError, HookNameError
@@ -29,6 +29,7 @@ from loop_lens.model.components import Block, Injection, Norm, Rotary
 from loop_lens.model.hooks import NO_HOOKS, BlockHooks, IterationHooks, NormHooks
 from loop_lens.model.names import parse_hook_name
 from loop_lens.model.run import Run, StopAtLayer
+from loop_lens.model.schedule import Schedule, Step
 from loop_lens.saving import save_checkpoint
 from loop_lens.tokenization import decode_each, encode_batch
 
@@ -110,6 +111,7 @@ class HookedLoopedTransformer(HookedRootModule):
     """
 
     iteration_hooks_cls: type[nn.Module] = IterationHooks  # the hook container of one iteration
+    _cache_cls: type[LoopCache] = LoopCache  # what run_with_cache returns
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
         super().__init__()
@@ -432,8 +434,42 @@ class HookedLoopedTransformer(HookedRootModule):
                    start=initial_state, seed=seed, generator=generator)
 
     def _depth(self, n_loops: int) -> int:
-        """The unrolled depth of a run of `n_loops` iterations."""
-        return self.cfg.depth(n_loops)
+        """The unrolled depth of a run of `n_loops` iterations (with the current run options)."""
+        return self._schedule(n_loops).depth
+
+    # ------------------------------------------------------------------ the schedule
+    def schedule(self, n_loops: Optional[int] = None, **options: Any) -> Schedule:
+        """The layers a run of `n_loops` passes traverses, in order (`model/schedule.py`): the
+        unrolled depth, `stop_at_layer`, the cache's `depth_index` / `loop_index` / `unrolled()`
+        read it. `options` are the family's run keywords (HRM-Text: `l_cycles=`)."""
+        T = check_n_loops(n_loops, self.cfg.default_loops)
+        with self._options(**options):
+            return self._schedule(T)
+
+    def _schedule(self, n_loops: int) -> Schedule:
+        """The schedule under the current run options: prelude, one pass of the block per
+        iteration, coda. The final norm is the model's own, or (Ouro without a coda) the last
+        iteration's per-iteration norm."""
+        c = self.cfg
+        last_iter_norm = not c.final_norm and c.iter_norm and c.n_coda == 0
+        return Schedule(
+            n_loops,
+            prelude=tuple(f"prelude.{l}" for l in range(c.n_prelude)),
+            steps=tuple(Step((l,), f"blocks.{l}", "blocks", l) for l in range(c.n_block)),
+            coda=tuple(f"coda.{l}" for l in range(c.n_coda)),
+            final_norm="ln_final" if c.final_norm or last_iter_norm else None,
+            final_alias=f"iter.{n_loops - 1}.ln_state" if last_iter_norm else None,
+            options=self._current_options(),
+        )
+
+    def _current_options(self) -> dict[str, Any]:
+        """The run options in force (inside `_options`); the plain loop has none."""
+        return {}
+
+    def _additivity_breaks(self, per_head: bool) -> list[str]:
+        """Why the final residual is not embed + every layer's output (TransformerLens's
+        decompositions refuse then, naming these)."""
+        return additivity_breaks(self.cfg, per_head)
 
     @staticmethod
     def _check_start(seed: Any, generator: Any, initial_state: Any, shape: tuple[int, int, int]) -> None:
@@ -766,7 +802,7 @@ class HookedLoopedTransformer(HookedRootModule):
         if cache_dtype is not None:
             cache_dict = {k: v.to(cache_dtype) if v.is_floating_point() else v for k, v in cache_dict.items()}
         has_batch = not kwargs.get("remove_batch_dim", False)
-        return out, LoopCache(cache_dict, self, n_loops=T, has_batch_dim=has_batch)
+        return out, self._cache_cls(cache_dict, self, n_loops=T, has_batch_dim=has_batch, schedule=self._schedule(T))
 
     def _names_in_run(self, names_filter: NamesFilter, n_loops: int) -> set[str]:
         """The hook names a filter selects among those a run of `n_loops` fires; creates their
