@@ -21,6 +21,7 @@ from transformer_lens import ActivationCache
 from transformer_lens.utilities import Slice, SliceInput, get_act_name
 
 from loop_lens.config import LoopConfig
+from loop_lens.model import sites
 from loop_lens.model.hooks import NO_HOOKS
 from loop_lens.model.names import _suffix
 from loop_lens.model.schedule import Schedule
@@ -148,7 +149,7 @@ class LoopCache(ActivationCache):
         Per-iteration hooks (`hook_state_post`, `hook_exit_logit`, ...) give [n_loops, ...].
         """
         suffix = _suffix(kind)
-        per_iter = suffix.startswith(("hook_state", "hook_injected", "hook_exit", "ln_state"))
+        per_iter = sites.scope_of(suffix) == "pass"
         out = []
         for t in range(self.n_loops):
             if per_iter:

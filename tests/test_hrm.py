@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 import loop_lens as ll
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError, LoadError
-from loop_lens.model.hrm import HookedHrmTransformer
-from loop_lens.model.names import hook_name, parse_hook_name, parse_nested_hook_name
+from loop_lens.model.hrm import HookedHrmTransformer, parse_nested_hook_name
+from loop_lens.model.names import hook_name, parse_hook_name
 
 
 def _tokens(seed: int = 1, batch: int = 2, pos: int = 9) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Hook-point containers. They hold no weights, so one set can exist per iteration.
+"""Hook-point containers, built from the site table (`sites.py`). They hold no weights, so one
+set can exist per iteration.
 
 Their attribute paths are the hook names (`docs/hooks.md`): a `BlockHooks` placed at
 `iter["3"].blocks[1]` gives `iter.3.blocks.1.attn.hook_pattern`.
@@ -6,24 +7,18 @@ Their attribute paths are the hook names (`docs/hooks.md`): a `BlockHooks` place
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from loop_lens.config import LoopConfig
+from loop_lens.model import sites
 
-# Every attribute a hooks container can have (see the classes below); `NO_HOOKS` answers these
-# and refuses any other name, so a misspelt hook name fails loudly instead of doing nothing.
-HOOK_ATTRIBUTES = frozenset({
-    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-    "ln1", "ln2", "ln1_post", "ln2_post", "attn", "mlp",
-    "hook_scale", "hook_normalized",
-    "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern", "hook_z",
-    "hook_pre", "hook_pre_linear", "hook_post",
-    "hook_state_pre", "hook_injected", "blocks", "ln_state", "hook_state_post", "hook_exit_logit",
-    "hook_gate", "low",
-})
+# Every attribute a hooks container can have (each path component of every site, and what
+# families register); `NO_HOOKS` answers these and refuses any other name, so a misspelt hook
+# name fails loudly instead of doing nothing. Kept up to date by `sites.register`.
+HOOK_ATTRIBUTES = sites.ATTRIBUTES
 
 
 class _NoHooks:
@@ -53,71 +48,33 @@ def has_hooks(hp) -> bool:
     return isinstance(hp, HookPoint) and bool(hp._forward_hooks or hp._backward_hooks)
 
 
-class NormHooks(nn.Module):
-    def __init__(self) -> None:
+class Hooks(nn.Module):
+    """A container of hook points at the given site paths (`"attn.hook_q"` makes a sub-container
+    `attn` holding `hook_q`), in the order given, which is the order they fire. A known attribute
+    this container lacks (a norm this placement does not have) is `NO_HOOKS`."""
+
+    def __init__(self, paths: Iterable[str] = ()) -> None:
         super().__init__()
-        self.hook_scale = HookPoint()  # [batch, pos, 1]
-        self.hook_normalized = HookPoint()  # [batch, pos, d_model], before the weight
+        for path in paths:
+            self.place(path)
 
+    def place(self, path: str, module: nn.Module | None = None) -> None:
+        """Put a hook point (or `module`) at `path`, creating sub-containers on the way."""
+        *parents, leaf = path.split(".")
+        node: nn.Module = self
+        for name in parents:
+            if name not in node._modules:
+                node._modules[name] = Hooks()  # not add_module: hasattr() answers NO_HOOKS for known names
+            node = node._modules[name]
+        node._modules[leaf] = HookPoint() if module is None else module
 
-class AttnHooks(nn.Module):
-    def __init__(self, cfg: LoopConfig) -> None:
-        super().__init__()
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
-        if cfg.positional_embedding_type == "rotary":
-            self.hook_rot_q = HookPoint()
-            self.hook_rot_k = HookPoint()
-        self.hook_attn_scores = HookPoint()  # [batch, head, query, key]
-        self.hook_pattern = HookPoint()  # [batch, head, query, key]
-        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
-        if cfg.attn_gate:
-            self.hook_gate = HookPoint()  # [batch, pos, head, d_head], sigmoid gate multiplying z
-
-
-class MLPHooks(nn.Module):
-    def __init__(self, cfg: LoopConfig) -> None:
-        super().__init__()
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]; the gate's input for SwiGLU
-        if cfg.mlp_type == "swiglu":
-            self.hook_pre_linear = HookPoint()
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
-
-
-class BlockHooks(nn.Module):
-    """The hook points of one layer at one site (a prelude layer, a coda layer, or a block layer
-    at one iteration)."""
-
-    def __init__(self, cfg: LoopConfig) -> None:
-        super().__init__()
-        self.hook_resid_pre = HookPoint()
-        if cfg.norm_placement != "post":
-            self.ln1 = NormHooks()
-        self.attn = AttnHooks(cfg)
-        if cfg.norm_placement != "pre":
-            self.ln1_post = NormHooks()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        if cfg.norm_placement != "post":
-            self.ln2 = NormHooks()
-        self.mlp = MLPHooks(cfg)
-        if cfg.norm_placement != "pre":
-            self.ln2_post = NormHooks()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
-
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("ln1", "ln2", "ln1_post", "ln2_post"):
-                return NO_HOOKS  # this placement has no such norm
+            if name in HOOK_ATTRIBUTES:
+                return NO_HOOKS
             raise
-
-
-class IterationHooks(nn.Module):
-    """Everything hookable in one iteration of the loop: `iter.{t}.*`."""
 
     def clear_hook_contexts(self) -> None:
         """Empty every hook point's `ctx` (before the container is reused for another iteration)."""
@@ -125,41 +82,29 @@ class IterationHooks(nn.Module):
             if isinstance(module, HookPoint):
                 module.clear_context()
 
-    def __init__(self, cfg: LoopConfig) -> None:
-        super().__init__()
-        self.hook_state_pre = HookPoint()
-        if cfg.injection != "none":
-            self.hook_injected = HookPoint()
-        self.blocks = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block))
-        if cfg.iter_norm:
-            self.ln_state = NormHooks()
-        self.hook_state_post = HookPoint()
-        if cfg.exit_gate:
-            self.hook_exit_logit = HookPoint()  # [batch, pos]
+
+def NormHooks() -> Hooks:  # noqa: N802 (a container kind, named like the classes it replaced)
+    """A norm's hook points: `hook_scale` [batch, pos, 1], `hook_normalized` (before the weight)."""
+    return Hooks(["hook_scale", "hook_normalized"])
 
 
-class LowCycleHooks(nn.Module):
-    """One low-level cycle inside an iteration of a nested (HRM) loop: `iter.{h}.low.{l}.*`."""
-
-    def __init__(self, cfg: LoopConfig) -> None:
-        super().__init__()
-        self.hook_state_pre = HookPoint()  # the L stack's input z_L + z_H
-        self.blocks = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block))
-        self.ln_state = NormHooks()  # the L stack's closing (parameterless) norm
-        self.hook_state_post = HookPoint()  # the new z_L
+def BlockHooks(cfg: Any) -> Hooks:  # noqa: N802
+    """The hook points of one layer at one site (a prelude layer, a coda layer, or a block layer
+    at one iteration): the layer sites this config has."""
+    return Hooks(s.path for s in sites.sites("layer", cfg))
 
 
-class NestedIterationHooks(IterationHooks):
-    """One high-level cycle of a nested (HRM) loop, in firing order: `iter.{h}.hook_state_pre`
-    (z_H entering), `iter.{h}.low.{l}.*` (each L cycle), `hook_injected` (z_H + z_L), the H
-    stack's `blocks.{k}.*`, its closing norm `ln_state.*`, `hook_state_post` (the new z_H)."""
+def pass_hooks(cfg: Any, layers: Iterable[nn.Module] | None = None) -> Hooks:
+    """One pass's hook points, in firing order: the pass sites, with `blocks` (one `BlockHooks`
+    per block layer, or the given `layers`) where the pass runs its layers."""
+    out = Hooks()
+    for s in sites.sites("pass", cfg):
+        if s.path == "blocks":
+            out.place("blocks", nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block)) if layers is None
+                      else nn.ModuleList(layers))
+        else:
+            out.place(s.path)
+    return out
 
-    def __init__(self, cfg: LoopConfig, l_cycles: Optional[int] = None) -> None:
-        """Hook points for `l_cycles` L cycles (default `cfg.l_cycles`; runs may use fewer)."""
-        nn.Module.__init__(self)
-        self.hook_state_pre = HookPoint()
-        self.low = nn.ModuleList(LowCycleHooks(cfg) for _ in range(cfg.l_cycles if l_cycles is None else l_cycles))
-        self.hook_injected = HookPoint()
-        self.blocks = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block))
-        self.ln_state = NormHooks()
-        self.hook_state_post = HookPoint()
+
+IterationHooks = pass_hooks  # everything hookable in one iteration of the loop: `iter.{t}.*`

@@ -19,10 +19,11 @@ H cycle, `stop_at_layer` over the unrolled depth) is `HookedLoopedTransformer`'s
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -31,12 +32,81 @@ from loop_lens.cache import LoopCache, additivity_breaks
 from loop_lens.checks import positive_int
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError
+from loop_lens.model import sites
 from loop_lens.model.components import Block, Norm
-from loop_lens.model.hooks import NO_HOOKS, LowCycleHooks, NestedIterationHooks
+from loop_lens.model.hooks import NO_HOOKS, BlockHooks, Hooks
 from loop_lens.model.looped import HookedLoopedTransformer
-from loop_lens.model.names import _suffix, parse_nested_hook_name
+from loop_lens.model.names import _suffix, register_coordinate
 from loop_lens.model.run import Run, StopAtLayer
 from loop_lens.model.schedule import Schedule, Step
+
+
+# ---------------------------------------------------------------------- hook sites and names
+def LowCycleHooks(cfg: LoopConfig) -> Hooks:  # noqa: N802 (a container kind)
+    """One low-level cycle inside an H cycle: `iter.{h}.low.{l}.*` (the L stack's input z_L + z_H,
+    its layers, its closing parameterless norm, the new z_L)."""
+    out = Hooks(["hook_state_pre"])
+    out.place("blocks", nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block)))
+    for path in ("ln_state.hook_scale", "ln_state.hook_normalized", "hook_state_post"):
+        out.place(path)
+    return out
+
+
+def NestedIterationHooks(cfg: LoopConfig, l_cycles: Optional[int] = None) -> Hooks:  # noqa: N802
+    """One H cycle, in firing order: `iter.{h}.hook_state_pre` (z_H entering), `iter.{h}.low.{l}.*`
+    (each of `l_cycles` L cycles, default `cfg.l_cycles`; runs may use fewer), `hook_injected`
+    (z_H + z_L), the H stack's `blocks.{k}.*`, its closing norm `ln_state.*`, `hook_state_post`."""
+    out = Hooks(["hook_state_pre"])
+    out.place("low", nn.ModuleList(LowCycleHooks(cfg) for _ in range(cfg.l_cycles if l_cycles is None else l_cycles)))
+    out.place("hook_injected")
+    out.place("blocks", nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block)))
+    for path in ("ln_state.hook_scale", "ln_state.hook_normalized", "hook_state_post"):
+        out.place(path)
+    return out
+
+
+def low_hook_name(kind: str, layer: Optional[int], iteration: Optional[int], phase: Optional[str], low_cycle: int) -> str:
+    """`iter.{iteration}.low.{low_cycle}.[blocks.{layer}.]<suffix>` (a nested loop's L cycle)."""
+    if iteration is None or phase not in (None, "loop"):
+        raise ValueError("low_cycle= places a hook in an L cycle: give iteration= (the H cycle) and no phase")
+    if isinstance(low_cycle, bool) or not isinstance(low_cycle, int) or low_cycle < 0:
+        raise ValueError(f"low_cycle must be an integer >= 0, got {low_cycle!r}")
+    suffix = _suffix(kind)
+    if suffix in ("hook_state_pre", "hook_state_post") or suffix.startswith("ln_state"):
+        if layer is not None:
+            raise ValueError(f"{kind!r} is per L cycle: give no layer=")
+        return f"iter.{iteration}.low.{low_cycle}.{suffix}"
+    if sites.scope_of(suffix) != "layer":
+        raise ValueError(f"{kind!r} does not exist inside an L cycle")
+    if layer is None:
+        raise ValueError(f"{kind!r} inside an L cycle needs layer=")
+    return f"iter.{iteration}.low.{low_cycle}.blocks.{layer}.{suffix}"
+
+
+_NESTED_RE = re.compile(r"^iter\.(?P<h>\d+)\.(?:low\.(?P<l>\d+)\.)?(?:blocks\.(?P<k>\d+)\.)?(?P<kind>.*hook_.*)$")
+
+
+class NestedHookNameParts(NamedTuple):
+    h_cycle: int
+    low_cycle: Optional[int]
+    layer: Optional[int]
+    kind: str
+
+
+def parse_nested_hook_name(name: str) -> NestedHookNameParts:
+    """A nested (HRM) loop's hook name -> (H cycle, L cycle or None, layer or None, kind):
+    `"iter.1.low.2.blocks.0.attn.hook_gate"` -> `(1, 2, 0, "attn.hook_gate")`,
+    `"iter.1.blocks.0.hook_resid_post"` -> `(1, None, 0, "hook_resid_post")`."""
+    m = _NESTED_RE.match(name)
+    if m is None or m["kind"].startswith(("low.", "blocks.")):  # a malformed cycle or layer index
+        raise ValueError(f"not a nested-loop hook name (iter.{{h}}[.low.{{l}}][.blocks.{{k}}].<hook>): {name!r}")
+    low = int(m["l"]) if m["l"] is not None else None
+    layer = int(m["k"]) if m["k"] is not None else None
+    return NestedHookNameParts(int(m["h"]), low, layer, m["kind"])
+
+
+sites.register([], attributes={"low"})
+register_coordinate("low_cycle", low_hook_name)
 
 
 class NestedLoopCache(LoopCache):
@@ -73,9 +143,9 @@ class NestedLoopCache(LoopCache):
         if not low:
             return super().stack(kind)
         suffix = _suffix(kind)
-        if suffix.startswith(("hook_injected", "hook_exit")):
+        if sites.scope_of(suffix) == "pass" and not suffix.startswith(("hook_state", "ln_state")):
             raise ValueError(f"{kind!r} has no L-cycle version (cache.stack({kind!r}) reads the H stack)")
-        per_cycle = suffix.startswith(("hook_state", "ln_state"))
+        per_cycle = sites.scope_of(suffix) == "pass"
         K, L = self.cfg.n_block, self.l_cycles
 
         def one(h: int, cycle: int) -> Tensor:
@@ -116,7 +186,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     cycles per H cycle of that run (default `cfg.l_cycles`), as `n_loops=` sets the H cycles.
     """
 
-    iteration_hooks_cls = NestedIterationHooks
+    iteration_hooks_cls = staticmethod(NestedIterationHooks)
     _cache_cls = NestedLoopCache
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):

@@ -110,7 +110,7 @@ class HookedLoopedTransformer(HookedRootModule):
     run of any length costs no memory per iteration.
     """
 
-    iteration_hooks_cls: type[nn.Module] = IterationHooks  # the hook container of one iteration
+    iteration_hooks_cls = staticmethod(IterationHooks)  # makes the hook container of one iteration
     _cache_cls: type[LoopCache] = LoopCache  # what run_with_cache returns
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
