@@ -34,9 +34,8 @@ def check_n_loops(n_loops: Any, default: int) -> int:
 
 
 def single_loop(model: Any, what: str) -> None:
-    """Refuse a nested (HRM) model where `what` runs or reads a single-timescale loop only
-    (ValueError naming `what` and what to use instead)."""
-    if getattr(getattr(model, "cfg", None), "l_cycles", 0):
-        raise ValueError(f"{what} runs a single-timescale loop and is not available for nested (HRM) models yet: "
-                         "run the model with run_with_cache / run_with_hooks and analyse the cache "
-                         "(cache.low_view() for the L stack)")
+    """Refuse a model whose family says `what` (a tool that runs or reads a single-timescale
+    loop) is not for it yet: its `single_loop_refusal` names the models and what to use instead."""
+    refusal = getattr(model, "single_loop_refusal", None)
+    if refusal:
+        raise ValueError(f"{what} runs a single-timescale loop and is not available for {refusal}")

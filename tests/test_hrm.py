@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import loop_lens as ll
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError, LoadError
-from loop_lens.model.hrm import HookedHrmTransformer, parse_nested_hook_name
+from loop_lens.families.hrm import HookedHrmTransformer, parse_nested_hook_name
 from loop_lens.model.names import hook_name, parse_hook_name
 
 

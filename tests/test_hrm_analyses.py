@@ -10,7 +10,7 @@ import torch
 from hrm_models import VOCAB, random_hrm, saved  # noqa: E402
 
 from loop_lens import analysis as A
-from loop_lens.model.hrm import LowStackModel
+from loop_lens.families.hrm import LowStackModel
 
 H, L, K = 3, 2, 2
 
@@ -172,7 +172,7 @@ def test_views_on_the_unrolled_depth_and_references(run):
     torch.testing.assert_close(low.accumulated_resid(apply_ln=True)[-1].double(), _rms(last.double(), model.cfg.norm_eps),
                                rtol=1e-5, atol=1e-6)
     _, other = model.run_with_cache(tokens, l_cycles=L + 1)
-    with pytest.raises(ValueError, match="L cycles"):
+    with pytest.raises(ValueError, match="run options .*l_cycles"):
         A.fixed_points(cache, reference=other)
     with pytest.raises(ValueError, match="config differs"):
         A.fixed_points(low, reference=other.low_view())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import loop_lens as ll
 from loop_lens import zoo
-from loop_lens.model.hrm import HookedHrmTransformer, NestedLoopCache
+from loop_lens.families.hrm import HookedHrmTransformer, NestedLoopCache
 from loop_lens.zoo import docs as zoo_docs
 from loop_lens.zoo import make_random
 from loop_lens.zoo.task import ANSWER_FROM, QUERIES, SEQ_LEN, answers_after, follow, sample

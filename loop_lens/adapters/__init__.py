@@ -11,7 +11,6 @@ from loop_lens.adapters import families, hrm_text
 from loop_lens.adapters.io import TensorSource, assemble, read_config, read_safetensors, read_tensors
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
-from loop_lens.model.hrm import HookedHrmTransformer
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.saving import CONFIG_NAME, native_files
 from loop_lens.tokenization import load_tokenizer, read_tokenizer
@@ -87,8 +86,6 @@ def load(
     if family == "native" or (family is None and (directory / CONFIG_NAME).is_file()):
         cfg, src, tokenizer = _native(directory)
         cfg, mapped = families.native(cfg, src)
-        if cfg.l_cycles:  # a nested (HRM) model saved by loop_lens
-            return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer, model_cls=HookedHrmTransformer)
     else:
         config = read_config(directory)
         tensors, origin = read_tensors(directory)

@@ -15,7 +15,7 @@ from loop_lens.adapters.families import _rope_scaling, _rope_theta, _vocab
 from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, assemble
 from loop_lens.config import POSITIVE_INT, POSITIVE_NUMBER, LoopConfig
 from loop_lens.errors import LoadError
-from loop_lens.model.hrm import HookedHrmTransformer
+from loop_lens.families.hrm import HookedHrmTransformer
 
 Mapping = dict[str, tuple[str, Tensor]]
 _STACKS = {"H_module": "blocks", "L_module": "low_blocks"}
@@ -129,4 +129,4 @@ def build(
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
     cfg = hrm_text_config(config, src)
     mapped = hrm_text_mapping(cfg, src)
-    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer, model_cls=HookedHrmTransformer)
+    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from loop_lens.config import LoopConfig, Rule, show_value
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
+from loop_lens.families import model_class
 from loop_lens.files import is_plain_file_name
 from loop_lens.model.components import Rotary
 from loop_lens.model.looped import HookedLoopedTransformer
@@ -253,7 +254,7 @@ def assemble(
     tokenizer: Any = None,
     model_cls: Optional[type] = None,
 ) -> HookedLoopedTransformer:
-    """Build a HookedLoopedTransformer (or `model_cls`, a subclass such as HRM-Text's) from
+    """Build the model of the config's family (or `model_cls`) from
     `{our_name: (source_name, tensor)}`.
 
     Every parameter must be mapped with a floating-point tensor of the right shape; tensors the
@@ -265,7 +266,7 @@ def assemble(
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
     try:
         with torch.device("meta"), _no_init():
-            model = (model_cls or HookedLoopedTransformer)(cfg, tokenizer=tokenizer)
+            model = (model_cls or model_class(cfg.family))(cfg, tokenizer=tokenizer)
     except (TypeError, RuntimeError, OverflowError) as err:  # sizes too large for a tensor shape
         raise LoadError(
             f"cannot build a model of this config (d_model={cfg.d_model}, d_mlp={cfg.d_mlp}, d_vocab={cfg.d_vocab}, "

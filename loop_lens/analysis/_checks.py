@@ -77,9 +77,9 @@ def same_model(model: Any, cache: LoopCache, name: str = "model") -> None:
 def reference_cache(reference: Any, cache: LoopCache) -> LoopCache:
     """A reference run must come from the same model on the same input, at least as long as `cache`."""
     ref = loop_cache(reference, "reference")
-    if getattr(ref, "l_cycles", None) != getattr(cache, "l_cycles", None):
-        raise ValueError(f"reference ran {getattr(ref, 'l_cycles', None)} L cycles per H cycle, the cache "
-                         f"{getattr(cache, 'l_cycles', None)}: a nested (HRM) reference must run the same L cycles")
+    if ref.options != cache.options:
+        raise ValueError(f"reference ran with run options {ref.options}, the cache with {cache.options}: a "
+                         "reference must run the same options (only n_loops may be longer)")
     diff = config_diff(ref.cfg, cache.cfg)
     if diff:
         raise ValueError(f"reference was made by a model whose config differs from the cache's (reference vs cache: {diff})")

@@ -64,7 +64,7 @@ class _FilterHook:
     is_permanent: bool
     prepend: bool
     attached: set[int] = field(default_factory=set)
-    low_reach: dict[int, int] = field(default_factory=dict)  # nested (HRM) loops: L cycles reached per iteration
+    reach: dict[int, Any] = field(default_factory=dict)  # per iteration, what a family's _unreached remembers offering
 
 
 def _checked_hook(user_hook: Callable) -> Callable:
@@ -111,6 +111,7 @@ class HookedLoopedTransformer(HookedRootModule):
     """
 
     iteration_hooks_cls = staticmethod(IterationHooks)  # makes the hook container of one iteration
+    single_loop_refusal: Optional[str] = None  # a family whose passes are not one stack: which tools refuse it, and why
     _cache_cls: type[LoopCache] = LoopCache  # what run_with_cache returns
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):

@@ -1,5 +1,5 @@
 """Train the zoo's k-hop models with HookedLoopedTransformer itself (no second implementation;
-the nested HRM-style model is its subclass HookedHrmTransformer, trained by the same loop).
+a family's model, e.g. the nested HRM-style one, is its registered class, trained by the same loop).
 
     python -m loop_lens.zoo.train khop-huginn --out loop_lens/zoo/models/khop-huginn   # train (1 thread), evaluate, write model + card
     python -m loop_lens.zoo.train khop-ouro --steps 50 --out /tmp/x                   # a quick, smaller run
@@ -28,10 +28,9 @@ from tqdm import tqdm
 from loop_lens.adapters import load
 from loop_lens.config import LoopConfig
 from loop_lens.errors import SaveError
+from loop_lens.families import model_class
 from loop_lens.files import write_text_atomic
-from loop_lens.model.hrm import HookedHrmTransformer
 from loop_lens.model.init import init_weights
-from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.saving import check_save_target
 from loop_lens.zoo import accuracy_axes
 from loop_lens.zoo.task import ANSWER_FROM, MAX_HOPS, SEQ_LEN, VOCAB, answers_after, make_tokenizer, sample
@@ -243,8 +242,7 @@ def train(name: str, out: Path, steps: Optional[int] = None, quiet: bool = False
         raise SaveError(f"{target} holds files that are not a zoo model and its card: {foreign}")
     steps = recipe.steps if steps is None else steps
     torch.manual_seed(recipe.seed)
-    model_cls = HookedHrmTransformer if recipe.cfg.l_cycles else HookedLoopedTransformer
-    model = model_cls(recipe.cfg, tokenizer=make_tokenizer())
+    model = model_class(recipe.cfg.family)(recipe.cfg, tokenizer=make_tokenizer())
     init_weights(model, seed=recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(recipe, s, steps))

@@ -187,6 +187,8 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     """
 
     iteration_hooks_cls = staticmethod(NestedIterationHooks)
+    single_loop_refusal = ("nested (HRM) models yet: run the model with run_with_cache / run_with_hooks and analyse "
+                           "the cache (cache.low_view() for the L stack)")
     _cache_cls = NestedLoopCache
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
@@ -298,11 +300,11 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     def _unreached(self, f: Any, t: int) -> list[str]:
         """The base's, plus the L cycles of H cycle t that this run adds beyond those `f` was
         offered before: a filter reaches every L cycle of every run, whatever ran before."""
-        have = f.low_reach.get(t) if t in f.attached else None
+        have = f.reach.get(t) if t in f.attached else None
         if have is not None and have >= self._l_run:
             return []
         f.attached.add(t)
-        f.low_reach[t] = max(have or 0, self._l_run)
+        f.reach[t] = max(have or 0, self._l_run)
         names = self.loop_hook_names(t)
         if have is None:
             return names

@@ -1,0 +1,27 @@
+"""Looped-model families whose passes are more than the plain loop's one stack.
+
+Each family is one module here (its model class: what a pass computes, its schedule, its hook
+sites) plus one adapter in `loop_lens/adapters/`; `register` names its model class, so loading,
+saving and the zoo build it without naming it. The plain loop (Ouro, Huginn, retrofitted,
+looped feedforward checkpoints) is `HookedLoopedTransformer` itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_MODEL_CLASSES: dict[str, tuple[str, str]] = {}
+
+
+def register(family: str, module: str, name: str) -> None:
+    """Models of `family` (`LoopConfig.family`) are instances of `module.name`."""
+    _MODEL_CLASSES[family] = (module, name)
+
+
+def model_class(family: str) -> type:
+    """The model class of a family (`HookedLoopedTransformer` for the plain loop)."""
+    module, name = _MODEL_CLASSES.get(family, ("loop_lens.model.looped", "HookedLoopedTransformer"))
+    return getattr(importlib.import_module(module), name)
+
+
+register("hrm_text", "loop_lens.families.hrm", "HookedHrmTransformer")
