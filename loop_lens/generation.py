@@ -160,7 +160,7 @@ class _StepRun(Run):
     def __init__(self, model: Any, plan: _Plan, cache: KVCache, tokens: Tensor, positions: Tensor, new_mask: Tensor,
                  starts: Union[str, Tensor], known: Optional[Tensor], done: Optional[Tensor]):
         full_mask = new_mask if cache.mask is None else torch.cat([cache.mask, new_mask], dim=1)
-        rope = model.rotary.at(positions) if model.rotary is not None else None
+        rope = model._rope(tokens.shape[1], tokens.device, positions)
         super().__init__(tokens, plan.n_loops, plan.exit, None if bool(full_mask.all()) else full_mask, model.rotary,
                          rope, None, options=plan.options, positions=positions, start=starts, coda_t=plan.n_loops - 1 if plan.per_iteration_coda else None)
         B, S = tokens.shape
@@ -183,11 +183,10 @@ class _StepRun(Run):
         return True  # every pass's coda keys are kept for the next step
 
     def kv(self, site: tuple, hooked: bool) -> _SiteView:
+        read, writes = self.model._kv_policy(site, self.n_loops)
         if site[0] != "iter":
-            view = _SiteView(self.cache.past(site))
-        else:
-            view = _SiteView(self.cache.past(site), self.live, self.last.get(site[2:]))
-        return _Committing(self, site, view, hooked)
+            return _Committing(self, site, _SiteView(self.cache.past(read)), writes and (hooked or site[1] is not None))
+        return _Committing(self, site, _SiteView(self.cache.past(read), self.live, self.last.get(site[2:])), writes)
 
     def running(self, t: int) -> bool:
         B, S = self.tokens.shape
@@ -226,19 +225,19 @@ class _StepRun(Run):
 
 
 class _Committing:
-    """A site view that records what it computed: the step's commit for the site (hooked calls
-    and per-pass readouts; a criterion's readout only reads) and the pass's last keys."""
+    """A site view that records what it computed: the pass's last keys (inside the loop) and,
+    where `commit` (hooked calls and per-pass readouts; a criterion's readout only reads; the
+    model's `_kv_policy` may say a site never writes), the step's commit for the site."""
 
-    def __init__(self, run: _StepRun, site: tuple, view: _SiteView, hooked: bool):
-        self.run, self.site, self.view, self.hooked = run, site, view, hooked
+    def __init__(self, run: _StepRun, site: tuple, view: _SiteView, commit: bool):
+        self.run, self.site, self.view, self.commit = run, site, view, commit
 
     def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         out = self.view(k, v)
-        site, run = self.site, self.run
-        if site[0] == "iter":
-            run.last[site[2:]] = run.commits[site] = self.view.new
-        elif self.hooked or site[1] is not None:
-            run.commits[site] = self.view.new
+        if self.site[0] == "iter":
+            self.run.last[self.site[2:]] = self.view.new
+        if self.commit:
+            self.run.commits[self.site] = self.view.new
         return out
 
 

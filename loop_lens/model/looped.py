@@ -118,6 +118,18 @@ class HookedLoopedTransformer(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.iter = nn.ModuleDict()  # iteration index (str) -> its hook container, only where hooked
+        self._build(cfg)
+        template = self.iteration_hooks_cls(cfg)
+        self._iter_suffixes = tuple(n for n, m in template.named_modules() if isinstance(m, HookPoint))
+        self._filter_hooks: list[_FilterHook] = []
+        self._spare_hooks: list[nn.Module] = []  # released containers, reused (not submodules)
+        self._warned_long_input = False
+        self.setup()
+
+    def _build(self, cfg: LoopConfig) -> None:
+        """Create the weights and the hook points outside the loop (prelude, coda, model-level).
+        A family whose layers differ overrides this."""
         D = cfg.d_model
         self.embed = nn.Embedding(cfg.d_vocab, D)
         self.hook_embed = HookPoint()  # [batch, pos, d_model], after the embedding scale
@@ -130,7 +142,6 @@ class HookedLoopedTransformer(HookedRootModule):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_block))
         self.injection = Injection(cfg) if cfg.injection != "none" else None
         self.exit_gate = nn.Linear(D, 1) if cfg.exit_gate else None
-        self.iter = nn.ModuleDict()  # iteration index (str) -> IterationHooks, only where hooked
         self.coda_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.coda = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_coda))
         self.ln_final = HookedNorm(D, cfg.normalization_type, cfg.norm_eps)
@@ -140,12 +151,6 @@ class HookedLoopedTransformer(HookedRootModule):
         self.unembed = nn.Linear(D, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
-        template = self.iteration_hooks_cls(cfg)
-        self._iter_suffixes = tuple(n for n, m in template.named_modules() if isinstance(m, HookPoint))
-        self._filter_hooks: list[_FilterHook] = []
-        self._spare_hooks: list[IterationHooks] = []  # released containers, reused (not submodules)
-        self._warned_long_input = False
-        self.setup()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -430,7 +435,7 @@ class HookedLoopedTransformer(HookedRootModule):
             stop_at_layer = int(stop_at_layer) % depth if stop_at_layer < 0 else int(stop_at_layer)
         self._check_hooks_fire(T)
         self._attach_filter_hooks(T)
-        rope = self.rotary(S, tokens.device) if self.rotary is not None else None
+        rope = self._rope(S, tokens.device)
         return Run(tokens, T, self._resolve_exit(exit, T, return_type), mask, self.rotary, rope, stop_at_layer,
                    start=initial_state, seed=seed, generator=generator)
 
@@ -651,6 +656,19 @@ class HookedLoopedTransformer(HookedRootModule):
             return None
         return hooks.hook_exit_logit(self.exit_gate(self._state(carry)).squeeze(-1))
 
+    def _rope(self, S: int, device: torch.device, positions: Optional[Tensor] = None) -> Any:
+        """What the layers' attention takes as positions: RoPE's (cos, sin) for 0..S-1 or for
+        `positions` [batch, pos] (generation), None without RoPE. A family whose layers differ
+        (one RoPE per attention type) returns what its layers read."""
+        if self.rotary is None:
+            return None
+        return self.rotary(S, device) if positions is None else self.rotary.at(positions)
+
+    def _kv_policy(self, site: tuple, n_loops: int) -> tuple[tuple, bool]:
+        """Generation's KV cache at a site: which site's cached keys it reads, and whether it
+        appends its own (default: its own, and yes; a family whose passes share a cache says so)."""
+        return site, True
+
     def _to_coda(self, s: Tensor, hooked: bool) -> Tensor:
         if self.cfg.norm_after_loop:
             s = self.ln_final(s, self.ln_loop if hooked else NO_HOOKS)
@@ -717,8 +735,7 @@ class HookedLoopedTransformer(HookedRootModule):
         """Logits from a state leaving an iteration: the rest of the network (post-loop norm,
         coda, final norm, unembedding), with no hooks. For Huginn this is the coda lens; for a
         model without a coda it is the logit lens of the state."""
-        S = state.shape[1]
-        rope = self.rotary(S, state.device) if self.rotary is not None else None
+        rope = self._rope(state.shape[1], state.device)
         return self._readout(state, Run(state, 0, "last", attention_mask, self.rotary, rope, None))
 
     def exit_distribution(self, gate_logits: Float[Tensor, "T batch pos"]) -> Float[Tensor, "T batch pos"]:

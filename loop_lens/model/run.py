@@ -63,15 +63,16 @@ class Run:
         """Whether the exit reads other passes than the last (their states and gates are kept)."""
         return self.exit != "last"
 
-    def layer(self, site: tuple, block: Any, hooks: Any, x: Tensor, count: bool = True) -> Tensor:
+    def layer(self, site: tuple, block: Any, hooks: Any, x: Tensor, count: bool = True, **extra: Any) -> Tensor:
         """Run one layer at `site`, or stop here if `stop_at_layer` says so (`count=False`: a
-        readout outside the unrolled stack, e.g. a lens, which neither counts nor stops)."""
+        readout outside the unrolled stack, e.g. a lens, which neither counts nor stops). `extra`
+        goes to the layer (a family's own inputs, e.g. value embeddings)."""
         if count:
             if self.depth == self.stop_at_layer:
                 raise StopAtLayer(x)
             self.depth += 1
         mask = self.mask if self.allowed is None else self.allowed
-        return block(x, hooks, self.rotary, self.rope, mask, self.kv(site, count))
+        return block(x, hooks, self.rotary, self.rope, mask, self.kv(site, count), **extra)
 
     def kv(self, site: tuple, hooked: bool) -> Any:
         """The KV cache view of a site (None: attend over this call's positions only)."""
