@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
 
 import loop_lens as ll
 from loop_lens import patching as P
@@ -141,8 +142,7 @@ def main() -> None:
                 "n_loops": Tc, "median": statistics.median(values), "min": min(values), "max": max(values), "per_prompt": values,
             }
 
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results["patching"] = {
+    patching = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "settings": {"model": "zoo:khop-huginn", "site": "resid_post", "n_loops": T, "pos": clean.shape[1],
                      "patches": n_patches, "batch_size_rows": args.batch_size, "loop_timed_every": args.loop_every,
@@ -154,8 +154,8 @@ def main() -> None:
                    "activation_over_attribution_hook_points_premade": t_batched / statistics.median(kept)},
         "attribution_vs_activation_correlation": corr,
     }
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["patching"], indent=2))
+    merge_results(args.out, {"patching": patching})
+    print(json.dumps(patching, indent=2))
 
 
 if __name__ == "__main__":
