@@ -22,12 +22,12 @@ Figures and ratios are merged into benchmarks/results.json under "generation" (o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
 
 import loop_lens as ll
 from loop_lens.model.init import init_weights
@@ -107,13 +107,14 @@ def main() -> None:
             figures[name] = speed(m, args.repeats, batch)
             print(f"{name}: {figures[name]}", flush=True)
     figures["adaptive"] = adaptive(model, args.prompts)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results.setdefault("ratios", {})["generate_cached_vs_recompute_speedup_P128_N64_khop_huginn"] = figures["speed"]["speedup"]
-    results["ratios"]["generate_cached_vs_recompute_speedup_P128_N64_d256"] = figures["speed_d256"]["speedup"]
-    results["ratios"]["generate_cached_vs_recompute_speedup_P128_N64_khop_huginn_batch4"] = figures["speed_batch4"]["speedup"]
-    results["ratios"]["generate_cached_vs_recompute_speedup_P128_N64_d256_batch4"] = figures["speed_d256_batch4"]["speedup"]
-    results["ratios"]["generate_adaptive_kl_0.01_mean_iterations_of_12"] = figures["adaptive"]["kl_0.01"]["mean_iterations_per_token"]
-    results.setdefault("figures", {})["generation"] = {
+    ratios = {
+        "generate_cached_vs_recompute_speedup_P128_N64_khop_huginn": figures["speed"]["speedup"],
+        "generate_cached_vs_recompute_speedup_P128_N64_d256": figures["speed_d256"]["speedup"],
+        "generate_cached_vs_recompute_speedup_P128_N64_khop_huginn_batch4": figures["speed_batch4"]["speedup"],
+        "generate_cached_vs_recompute_speedup_P128_N64_d256_batch4": figures["speed_d256_batch4"]["speedup"],
+        "generate_adaptive_kl_0.01_mean_iterations_of_12": figures["adaptive"]["kl_0.01"]["mean_iterations_per_token"],
+    }
+    generation = {
         "model": "zoo:khop-huginn (1, 2 x 6, 1), d_model 64; speed_d256: random (2, 4 x 4, 2), d_model 256; one "
                  "thread, torch.no_grad, greedy",
         "speed_setup": "128-token random prompts (batch 1, and batch 4 in *_batch4), 64 new tokens, the model's "
@@ -123,7 +124,7 @@ def main() -> None:
         "measured": time.strftime("%Y-%m-%d"),
         **figures,
     }
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    merge_results(args.out, {"ratios": ratios, "figures": {"generation": generation}})
     print("cached generation vs recompute (target >= 4x): " + ", ".join(
         f"{k} {v['speedup']}x" for k, v in figures.items() if k.startswith("speed")) + f"; wrote {args.out}")
 

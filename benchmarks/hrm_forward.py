@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from real_size import merge_into  # benchmarks/ is on sys.path when a script here runs
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve().parent
 TARGET = 1.10
@@ -211,7 +211,7 @@ def main() -> None:
     print(f"forward {verdict} the target of <= {TARGET}x; load average {machine['load_average_at_start']} -> "
           f"{machine['load_average_at_end']}")
     if args.write and not args.quick:
-        merge_into(args.out, ratios, figures)
+        merge_results(args.out, {"ratios": ratios, "figures": figures})
         print(f"wrote {args.out}")
 
 

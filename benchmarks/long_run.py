@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
+
 HERE = Path(__file__).resolve().parent
 
 SNIPPET = r"""
@@ -58,15 +60,13 @@ def main() -> None:
         print(f"T={T:>7}: {figures[f'T{T}']}", flush=True)
     short, long = (f"T{T}" for T in args.loops)
     ratio = figures[long]["peak_rss_MiB"] / figures[short]["peak_rss_MiB"]
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results.setdefault("ratios", {})[f"peak_rss_{long}_vs_{short}_no_cache"] = round(ratio, 3)
-    results.setdefault("figures", {})["long_run"] = {
+    long_run = {
         "model": "zoo:khop-huginn, 25 tokens, one thread, torch.no_grad, no hooks",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "measured": time.strftime("%Y-%m-%d"),
         **figures,
     }
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    merge_results(args.out, {"ratios": {f"peak_rss_{long}_vs_{short}_no_cache": round(ratio, 3)}, "figures": {"long_run": long_run}})
     print(f"peak RSS {long} / {short} = {ratio:.3f} (target <= 1.1); wrote {args.out}")
 
 

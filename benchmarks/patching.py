@@ -4,10 +4,13 @@
   coda layers) against a plain loop with one `run_with_hooks` forward per patch;
 - attribution patching (three passes) against batched activation patching at the same T;
 - how well attribution patching agrees with activation patching (Pearson correlation of the
-  effects over every site) on k-hop prompt pairs, per zoo model and site.
+  effects over every site) on k-hop prompt pairs, per zoo model and site;
+- the same for `attribution_patch(steps=k)` (integrated gradients) on zoo:khop-huginn, T = 6,
+  held-out pairs with a corrupted start letter, with its cost against batched activation patching.
 
     python benchmarks/patching.py            # T = 16, the loop timed on every 4th patch
     python benchmarks/patching.py --quick    # a smoke run
+    python benchmarks/patching.py --only-ig --prompts 8   # only the steps=k agreement and cost
 
 The loop is timed on an evenly spaced subset of the patches (`--loop-every`) and its time per
 patch is multiplied by the number of patches; both sides are medians of `--repeats` runs taken in
@@ -24,10 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
 
 import loop_lens as ll
 from loop_lens import patching as P
 from loop_lens.zoo.task import TOKEN_ID, sample
+from loop_lens.zoo.task import N as N_LETTERS
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,6 +47,63 @@ def khop_pairs(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, 
         corrupt[0, 23] = TOKEN_ID["1"]
         out.append((clean, corrupt, int(batch.answers[i, 0])))
     return out
+
+
+def letter_pairs(model, n: int, T: int, seed: int = 1) -> list:
+    """(clean, corrupt, metric) triples for issue 26's setting: a held-out "x 2 =" question and the
+    same prompt asking about another start letter; metric: the clean run's answer logit minus the
+    corrupted run's answer (the same pairs as tests/test_patching.py's khop_letter_pairs)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = sample(n, [2], g, split="heldout")
+    out = []
+    for i in range(n):
+        clean = batch.tokens[i : i + 1, :25]
+        corrupt = clean.clone()
+        x = int(clean[0, 22]) - TOKEN_ID["a"]
+        corrupt[0, 22] = TOKEN_ID["a"] + (x + 1 + int(torch.randint(0, N_LETTERS - 1, (1,), generator=g))) % N_LETTERS
+        with torch.no_grad():
+            a, b = (int(model(p, n_loops=T, seed=0)[0, -1].argmax()) for p in (clean, corrupt))
+        out.append((clean, corrupt, lambda logits, a=a, b=b: (logits[:, -1, a] - logits[:, -1, b]).mean()))
+    return out
+
+
+def integrated_gradients(args) -> dict:
+    """Pearson correlation with activation patching and the cost ratio (activation / attribution
+    seconds, same pair, medians over pairs) of attribution_patch(steps=k) on zoo:khop-huginn,
+    T = 6, held-out letter-corrupted pairs, per site and k; `restart=False` rows: the plain EAP-IG
+    path (every gradient from the interpolated runs)."""
+    from loop_lens.patching.attribution import _integrated
+    from loop_lens.patching.sites import _plan
+
+    model, T = ll.load("zoo:khop-huginn"), 6
+    pairs = letter_pairs(model, args.prompts, T)
+    variants = [(k, True) for k in args.steps] + [(k, False) for k in args.steps if k > 1]
+    out: dict = {}
+    for site in ("resid_post", "head", "state"):
+        rows = {f"steps_{k}" + ("" if restart else "_no_restart"): {"corr": [], "ratio": []} for k, restart in variants}
+        for clean, corrupt, metric in pairs:
+            t0 = time.perf_counter()
+            act = P.activation_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, batch_size=args.batch_size)
+            t_act = time.perf_counter() - t0
+            for k, restart in variants:
+                t0 = time.perf_counter()
+                if restart:
+                    att = P.attribution_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, steps=k)
+                else:
+                    att = _integrated(model, _plan(model, clean, corrupt, site, T, 0, None, None), metric, k, restart=False)
+                t_att = time.perf_counter() - t0
+                row = rows[f"steps_{k}" + ("" if restart else "_no_restart")]
+                row["corr"].append(round(correlation(act, att), 4))
+                row["ratio"].append(round(t_act / t_att, 2))
+        out[site] = {name: {"median": statistics.median(r["corr"]), "min": min(r["corr"]), "max": max(r["corr"]),
+                            "per_pair": r["corr"], "activation_over_attribution_s_median": statistics.median(r["ratio"])}
+                     for name, r in rows.items()}
+        for name, r in out[site].items():
+            print(f"{site:10s} {name:18s} corr median {r['median']:6.3f} (min {r['min']:6.3f})  "
+                  f"activation / attribution time {r['activation_over_attribution_s_median']:5.2f}x", flush=True)
+    return {"model": "zoo:khop-huginn", "n_loops": T, "pairs": args.prompts,
+            "pairs_how": "held-out 2-hop 'x 2 =' vs another start letter; metric logit(clean answer) - logit(corrupt answer)",
+            "sites": out}
 
 
 def metric_for(model, clean, corrupt, answer, T):
@@ -90,8 +152,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 4, 8, 16], help="attribution_patch steps= to compare")
+    parser.add_argument("--only-ig", action="store_true", help="only the integrated-gradients agreement and cost")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only_ig:
+        ig = integrated_gradients(args)
+        merge_results(args.out, {"patching": {"integrated_gradients": ig}})
+        return
     if args.quick:
         args.n_loops, args.loop_every, args.repeats, args.prompts = 4, 8, 1, 2
     T = args.n_loops
@@ -141,8 +209,8 @@ def main() -> None:
                 "n_loops": Tc, "median": statistics.median(values), "min": min(values), "max": max(values), "per_prompt": values,
             }
 
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results["patching"] = {
+    ig = integrated_gradients(args)
+    patching = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "settings": {"model": "zoo:khop-huginn", "site": "resid_post", "n_loops": T, "pos": clean.shape[1],
                      "patches": n_patches, "batch_size_rows": args.batch_size, "loop_timed_every": args.loop_every,
@@ -153,9 +221,10 @@ def main() -> None:
         "ratios": {"loop_over_batched": t_loop / t_batched, "activation_over_attribution": t_batched / t_attr,
                    "activation_over_attribution_hook_points_premade": t_batched / statistics.median(kept)},
         "attribution_vs_activation_correlation": corr,
+        "integrated_gradients": ig,
     }
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["patching"], indent=2))
+    merge_results(args.out, {"patching": patching})
+    print(json.dumps(patching, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
+
 HERE = Path(__file__).resolve().parent
 
 OURO_1_4B = dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
@@ -199,15 +201,6 @@ def run(snippet: str, *args: str, threads: int | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def merge_into(path: Path, ratios: dict, figures: dict) -> None:
-    """Add these ratios and figures to the JSON file, re-read just now so that keys others wrote
-    meanwhile are kept."""
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results.setdefault("ratios", {}).update(ratios)
-    results.setdefault("figures", {}).update(figures)
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-
-
 def gib(n: float) -> float:
     """Bytes as GiB, 3 decimals."""
     return round(n / 2**30, 3)
@@ -266,7 +259,7 @@ def main() -> None:
                                                        f"of <= {args.shard_gb} GB with an index",
                                          **machine, **loads}
             print({k: v for k, v in ratios.items() if k.startswith(("load", "transformers"))}, flush=True)
-            merge_into(args.out, ratios, figures)
+            merge_results(args.out, {"ratios": ratios, "figures": figures})
         if not args.skip_analyses:
             per_t: dict[str, dict] = {}
             for T in args.loops:
@@ -280,7 +273,7 @@ def main() -> None:
                         "peak": "process peak RSS from just before the analysis (weights included)" if args.device == "cpu"
                                 else "torch.cuda.max_memory_allocated (weights included)",
                         "cache_names_filter": "hook_resid_post only", **machine, **per_t}
-                    merge_into(args.out, ratios, figures)
+                    merge_results(args.out, {"ratios": ratios, "figures": figures})
         if not args.skip_report:
             html = directory / "report.html"
             prompt = word_prompt(args.seq, OURO_1_4B["vocab_size"])
@@ -292,7 +285,7 @@ def main() -> None:
                 "peak_rss_GiB": gib(r["peak_bytes"]), "html_MiB": round(html.stat().st_size / 2**20, 2),
                 "fits_24_GiB": r["peak_bytes"] <= 24 * 2**30, **machine}
             print(f"report: {figures[f'real_size_report_cpu_seq{args.seq}']}", flush=True)
-            merge_into(args.out, ratios, figures)
+            merge_results(args.out, {"ratios": ratios, "figures": figures})
     print(f"wrote {args.out}")
 
 

@@ -7,7 +7,8 @@
 Timings are medians of `--repeats` runs with the measured callables interleaved, so load from
 elsewhere on the machine hits them alike. Peak memory of the analyses is measured in a fresh
 subprocess per (mode, T) from the growth of the resident set over the analysis (CPU) or torch's peak allocation
-(CUDA), sampled every 2 ms. Writes benchmarks/results.json (ours / theirs ratios: lower is better).
+(CUDA), sampled every 2 ms. Merges into benchmarks/results.json (ours / theirs ratios: lower is better;
+other benchmarks' keys are kept).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -219,7 +221,7 @@ def main() -> None:
         machine += f", {torch.cuda.get_device_name()}"
     result = {"machine": machine, "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "ratios": {k: round(v, 3) for k, v in ratios.items()}, "figures": figures}
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    merge_results(args.out, result)  # keeps the other benchmarks' ratios and figures
     print("\nratio (ours / theirs, lower is better)")
     for k, v in result["ratios"].items():
         print(f"  {k:32s} {v:7.3f}")
