@@ -383,7 +383,7 @@ class HookedLoopedTransformer(HookedRootModule):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no text given: an empty list of prompts")
-        tokens, mask = encode_batch(self.tokenizer, texts, prepend_bos=prepend_bos)
+        tokens, mask = encode_batch(self.tokenizer, texts, prepend_bos=prepend_bos, d_vocab=self.cfg.d_vocab)
         return tokens.to(self.device), mask.to(self.device)
 
     def to_str_tokens(self, text_or_tokens: Union[str, Tensor, Sequence[int]]) -> list[str]:
