@@ -161,3 +161,19 @@ def checkpoint_file(directory: Union[str, Path], name: str) -> Path:
         raise LoadError(f"{path} is a symbolic link to {real}, outside the checkpoint {directory}; loop_lens reads "
                         "nothing outside a checkpoint folder (or its hub cache's blobs/). Copy the file into the folder")
     return path
+
+
+def inside_folder(target: Union[str, Path], folder: Union[str, Path]) -> bool:
+    """Whether writing `target` would put a file inside `folder` (or replace one of its files),
+    judged both by the path as written and by where its links lead: a Hugging Face cache snapshot
+    (`snapshots/<rev>/`) counts together with its repo's `blobs/`, where its files really are."""
+    target, folder = Path(target), Path(folder)
+    written = Path(os.path.abspath(target))
+    places = {Path(os.path.abspath(folder)), folder.resolve()}
+    real = folder.resolve()
+    if real.parent.name == "snapshots":
+        places.add(real.parent.parent / "blobs")
+    candidates = {written, written.parent.resolve() / written.name}
+    if written.exists() or written.is_symlink():
+        candidates.add(written.resolve())
+    return any(place == c or place in c.parents for place in places for c in candidates)
