@@ -38,12 +38,12 @@ def hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
-def strings(value) -> list[str]:
-    """Every string inside a JSON-like value."""
+def strings(value, skip: tuple[str, ...] = ("hovertemplate", "texttemplate", "template")) -> list[str]:
+    """Every string inside a JSON-like value (not under the keys in `skip`: plotly patterns loop_lens writes)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [s for v in value.values() for s in strings(v)]
+        return [s for k, v in value.items() if k not in skip for s in strings(v)]
     if isinstance(value, (list, tuple)):
         return [s for v in value for s in strings(v)]
     if hasattr(value, "tolist") and getattr(getattr(value, "dtype", None), "kind", "") in "USO":
