@@ -143,10 +143,9 @@ def _read_prompts(text: Optional[str], file: Optional[str]) -> list[str]:
     if "\x00" in content:
         raise LoadError(f"prompts file {path} is binary (it holds NUL bytes), not text")
     if path.suffix == ".json":
-        try:
-            prompts = json.loads(content)
-        except json.JSONDecodeError as err:
-            raise LoadError(f"prompts file {path} is not valid JSON: {err}") from err
+        from loop_lens.files import parse_json
+
+        prompts = parse_json(content, f"prompts file {path}")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise LoadError(f"prompts file {path} must hold a JSON list of strings")
         prompts = [p for p in prompts if p.strip()]
@@ -170,6 +169,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
     inputs = [Path(p) for p in (args.prompts_file, args.prompts) if _existing(p, "file")]
     model_dir = _checkpoint_dir(args.model)
     for flag, target in outputs:
+        if model_dir is not None and inside_folder(target, model_dir):
+            raise SaveError(f"{flag} {target} lies inside the checkpoint {args.model}: the report would overwrite its "
+                            "input (a new or replaced file there changes what the checkpoint loads as). Write it elsewhere")
         check_output_file(target, flag)
         parent = target.parent if str(target.parent) else Path(".")
         if not parent.is_dir():
@@ -179,9 +181,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
         for source in inputs:
             if target.resolve() == source.resolve():
                 raise SaveError(f"{flag} {target} is the prompts file; the report would overwrite its input")
-        if model_dir is not None and inside_folder(target, model_dir):
-            raise SaveError(f"{flag} {target} lies inside the checkpoint {args.model}: the report would overwrite its "
-                            "input (a new or replaced file there changes what the checkpoint loads as). Write it elsewhere")
 
 
 def _report(args: argparse.Namespace) -> int:
