@@ -4,7 +4,15 @@ from loop_lens import analysis, patching, viz, zoo
 from loop_lens.adapters import KNOWN_FAMILIES, from_bridge, from_hf, load, loop
 from loop_lens.cache import LoopCache
 from loop_lens.config import LoopConfig
-from loop_lens.errors import ConfigError, HookError, HookNameError, LoadError, SaveError, UnexpectedTensorsWarning
+from loop_lens.errors import (
+    ConfigError,
+    HookError,
+    HookNameError,
+    LoadError,
+    NonFiniteWeightsWarning,
+    SaveError,
+    UnexpectedTensorsWarning,
+)
 from loop_lens.generation import GenerationResult
 from loop_lens.model.looped import HookedLoopedTransformer
 from loop_lens.model.names import hook_name, parse_hook_name
@@ -18,6 +26,7 @@ __all__ = [
     "HookNameError",
     "SaveError",
     "UnexpectedTensorsWarning",
+    "NonFiniteWeightsWarning",
     "analysis",
     "patching",
     "viz",

@@ -3,8 +3,12 @@ message for each kind of number, whoever asks."""
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import Any
+import re
+from typing import Any, Optional
+
+_ITER_RE = re.compile(r"iter\.(0|[1-9][0-9]*)\.", re.ASCII)
 
 
 def integer(value: Any, name: str, kind: str = "an integer") -> int:
@@ -39,3 +43,98 @@ def single_loop(model: Any, what: str) -> None:
     refusal = getattr(model, "single_loop_refusal", None)
     if refusal:
         raise ValueError(f"{what} runs a single-timescale loop and is not available for {refusal}")
+
+
+SEED_LIMIT = 2**63
+"""Seeds lie in [0, 2**63): what `torch.Generator.manual_seed` takes on every device, and the one
+rule the model, generation, the report, the sweep and the CLI apply."""
+
+
+def seed(value: Any, name: str = "seed") -> int:
+    """`value` as a seed in [0, 2**63) (see `integer`); ValueError naming `name` otherwise."""
+    number = integer(value, name, kind="an integer seed")
+    if not 0 <= number < SEED_LIMIT:
+        raise ValueError(f"{name} must lie in [0, 2**63), got {number}")
+    return number
+
+
+def finite_number(value: Any, name: str) -> float:
+    """A finite real number (not a bool, not NaN or an infinity), as a float; ValueError naming `name`."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    return number
+
+
+def tolerance(value: Any, name: str = "tol") -> float:
+    """A tolerance: a finite number > 0; ValueError naming `name` otherwise (NaN would make every
+    comparison false, a negative or infinite one every step count as settled)."""
+    number = finite_number(value, name)
+    if number <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {number}")
+    return number
+
+
+def float_dtype(value: Any, name: str = "cache_dtype") -> Any:
+    """A floating-point torch dtype (a name such as "float16" is accepted); ValueError naming
+    `name` for integer, bool, complex dtypes or anything else."""
+    import torch
+
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point torch dtype (torch.float32, torch.bfloat16, "
+                         f"torch.float16 ...), got {value!r}")
+    if dtype.itemsize < 2:  # fp8: step sizes and patterns would be noise
+        raise ValueError(f"{name}={value!r} is an 8-bit float; use torch.float16, torch.bfloat16 or torch.float32")
+    return dtype
+
+
+def real_tensor(value: Any, name: str, device: Any = None) -> None:
+    """Refuse a tensor argument that holds no usable real values: complex (the imaginary part
+    would be dropped), or on the meta device (no data), or on another device than `device`."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.is_complex():
+        raise ValueError(f"{name} is a complex tensor ({value.dtype}); give real values")
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device: it has a shape but no values")
+    if value.layout != torch.strided:
+        raise ValueError(f"{name} is a {value.layout} tensor; give a dense tensor (.to_dense())")
+
+
+def hook_iteration(name: Any) -> Optional[int]:
+    """The iteration of a loop hook name written the one way the model writes it
+    (`iter.<t>.` with t a plain ASCII decimal, no sign, no leading zero), else None."""
+    if not isinstance(name, str):
+        return None
+    match = _ITER_RE.match(name)
+    return int(match[1]) if match else None
+
+
+def hook_name_problem(name: str) -> Optional[str]:
+    """Why a name starting with `iter.` is not a hook name, with the spelling to use; None when
+    its iteration is written canonically."""
+    if not name.startswith("iter.") or hook_iteration(name) is not None:
+        return None
+    written, _, rest = name[5:].partition(".")
+    hint = ""
+    stripped = written.strip()
+    if stripped.lstrip("+-").isdigit():
+        try:
+            t = int(stripped)
+        except ValueError:
+            t = None
+        if t is not None and t >= 0 and rest:
+            hint = f"; did you mean 'iter.{t}.{rest}'?"
+        elif t is not None and t < 0:
+            hint = "; iterations count from 0 (negative indices are not hook names: use iter.{T-1}. for the last)"
+    return (f"{name!r} is not a hook name: the iteration must be written as a plain decimal number "
+            f"(iter.0., iter.1., ...; got {written!r}){hint}")

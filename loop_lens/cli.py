@@ -20,6 +20,23 @@ from typing import Any, Optional
 
 DEFAULT_MODEL = "zoo:tiny-random"
 
+_BIDI = {0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def terminal_text(text: Any) -> str:
+    """`text` safe to print to a terminal: control characters (ESC and the rest of C0 but newline
+    and tab, DEL, C1) and bidirectional overrides from token text or file names are shown as
+    escapes (`\\x1b`), never sent raw, so they cannot move the cursor, retitle the window or reorder
+    what is shown."""
+    out = []
+    for char in str(text):
+        code = ord(char)
+        if char in "\n\t" or not (code < 0x20 or 0x7F <= code < 0xA0 or code in _BIDI):
+            out.append(char)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)
+
 
 def _inspect(args: argparse.Namespace) -> int:
     import loop_lens as ll
@@ -53,6 +70,10 @@ def _convert(args: argparse.Namespace) -> int:
     src_dir = _checkpoint_dir(args.src)
     if src_dir is not None and dst.exists() and dst.resolve() == src_dir.resolve():
         raise ll.SaveError(f"the output {dst} is the checkpoint being converted; write to another directory")
+    from loop_lens.files import inside_folder
+
+    if src_dir is not None and inside_folder(dst, src_dir):
+        raise ll.SaveError(f"the output {dst} lies inside the checkpoint {args.src} being converted; write to another directory")
     if dst.exists() and not dst.is_dir():
         raise ll.SaveError(f"{dst} is a file, not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not args.force:
@@ -122,10 +143,9 @@ def _read_prompts(text: Optional[str], file: Optional[str]) -> list[str]:
     if "\x00" in content:
         raise LoadError(f"prompts file {path} is binary (it holds NUL bytes), not text")
     if path.suffix == ".json":
-        try:
-            prompts = json.loads(content)
-        except json.JSONDecodeError as err:
-            raise LoadError(f"prompts file {path} is not valid JSON: {err}") from err
+        from loop_lens.files import parse_json
+
+        prompts = parse_json(content, f"prompts file {path}")
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise LoadError(f"prompts file {path} must hold a JSON list of strings")
         prompts = [p for p in prompts if p.strip()]
@@ -137,8 +157,11 @@ def _read_prompts(text: Optional[str], file: Optional[str]) -> list[str]:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Refuse, before any compute, outputs that would overwrite each other or an input."""
+    """Refuse, before any compute, outputs that would overwrite each other or an input, land
+    inside the checkpoint (a new file there changes what the checkpoint is), or replace a path
+    that is not a regular file (a FIFO, a device, a symbolic link)."""
     from loop_lens.errors import SaveError
+    from loop_lens.files import check_output_file, inside_folder
 
     outputs = [("--out", Path(args.out))] + ([("--json", Path(args.json))] if args.json else [])
     if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
@@ -146,8 +169,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
     inputs = [Path(p) for p in (args.prompts_file, args.prompts) if _existing(p, "file")]
     model_dir = _checkpoint_dir(args.model)
     for flag, target in outputs:
-        if target.is_dir():
-            raise SaveError(f"cannot write {flag} {target}: it is a directory")
+        if model_dir is not None and inside_folder(target, model_dir):
+            raise SaveError(f"{flag} {target} lies inside the checkpoint {args.model}: the report would overwrite its "
+                            "input (a new or replaced file there changes what the checkpoint loads as). Write it elsewhere")
+        check_output_file(target, flag)
         parent = target.parent if str(target.parent) else Path(".")
         if not parent.is_dir():
             raise SaveError(f"cannot write {flag} {target}: directory {parent} does not exist")
@@ -156,19 +181,20 @@ def _check_outputs(args: argparse.Namespace) -> None:
         for source in inputs:
             if target.resolve() == source.resolve():
                 raise SaveError(f"{flag} {target} is the prompts file; the report would overwrite its input")
-        if model_dir is not None and target.exists() and target.resolve().parent == model_dir.resolve():
-            raise SaveError(f"{flag} {target} is a file of the checkpoint {args.model}; the report would overwrite its input")
 
 
 def _report(args: argparse.Namespace) -> int:
     import loop_lens as ll
-    from loop_lens.checks import check_n_loops, positive_int
+    from loop_lens.checks import check_n_loops, finite_number, positive_int, seed
     from loop_lens.errors import LoadError
     from loop_lens.report import build_report
 
     n_loops = check_n_loops(args.n_loops, 1)
     if args.l_cycles is not None:
         positive_int(args.l_cycles, "--l-cycles")
+    seed(args.seed, "--seed")
+    if args.threshold is not None:
+        finite_number(args.threshold, "--threshold")
     _check_outputs(args)
     prompts = _read_prompts(args.prompts, args.prompts_file)
     model = ll.load(args.model, family=args.family, dtype=_dtype(args.dtype))
@@ -207,11 +233,20 @@ def _zoo_list(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     """`loop-lens sweep`: per-prompt streaming analyses into a Parquet table (sharded under torchrun)."""
 
-    from loop_lens.checks import positive_int
-    from loop_lens.sweep import TABLE, run_sweep
+    from loop_lens.checks import positive_int, seed
+    from loop_lens.errors import SaveError
+    from loop_lens.files import inside_folder
+    from loop_lens.sweep import TABLE, run_sweep, written_by_sweep
 
     if args.n_loops is not None:
         positive_int(args.n_loops, "--n-loops")
+    seed(args.seed, "--seed")
+    if _existing(args.prompts, "file") and written_by_sweep(Path(args.prompts), Path(args.out)):
+        raise SaveError(f"--prompts {args.prompts} is a file the sweep writes or deletes in --out {args.out}; "
+                        "keep the prompts outside it (the sweep would destroy its input)")
+    model_dir = _checkpoint_dir(args.model)
+    if model_dir is not None and inside_folder(args.out, model_dir):
+        raise SaveError(f"--out {args.out} lies inside the checkpoint {args.model}; write the sweep elsewhere")
     prompts = _read_prompts(None, args.prompts)
     result = run_sweep(args.model, prompts, args.n_loops, args.out, batch_size=args.batch_size, seed=args.seed,
                        lens=args.lens, family=args.family, dtype=_dtype(args.dtype), overwrite=args.force,
@@ -225,12 +260,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import loop_lens as ll
-    from loop_lens.checks import check_n_loops, positive_int
+    from loop_lens.checks import check_n_loops, finite_number, positive_int, seed
     from loop_lens.errors import LoadError
     from loop_lens.generation import eos_token
 
     n_loops = None if args.n_loops is None else check_n_loops(args.n_loops, 1)
     max_new = positive_int(args.max_new_tokens, "--max-new-tokens")
+    seed(args.seed, "--seed")
+    for flag, value in (("--threshold", args.threshold), ("--temperature", args.temperature), ("--top-p", args.top_p)):
+        if value is not None:
+            finite_number(value, flag)
     if not args.prompt.strip():
         raise LoadError("--prompt is empty: give the text to continue")
     model = ll.load(args.model, family=args.family)
@@ -253,7 +292,7 @@ def _generate(args: argparse.Namespace) -> int:
                "n_loops": result.n_loops, "adaptive": args.adaptive, "threshold": result.threshold}
         print(json.dumps(out, indent=2))
         return 0
-    print(result.text[0])
+    print(terminal_text(result.text[0]))
     print(f"\n{'step':>4}  {'token':<12} iterations (of {result.n_loops})")
     for row in frame.itertuples():
         print(f"{row.step:>4}  {row.token_str!r:<12} {row.iterations}")
@@ -313,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens", choices=("logit", "coda"), default="logit", help="lens for the per-iteration answer")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
     p.add_argument("--family", default=None, help="override family detection")
-    p.add_argument("--force", action="store_true", help="replace a finished sweep with other settings in --out")
+    p.add_argument("--force", action="store_true", help="replace what --out holds: a finished sweep with other settings, or tables loop-lens did not write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_sweep)
 
@@ -354,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (LoadError, ConfigError, SaveError, HookError, OSError, ValueError) as err:
-        print(f"loop-lens: error: {err}", file=sys.stderr)
+        print(f"loop-lens: error: {terminal_text(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("loop-lens: interrupted", file=sys.stderr)
@@ -362,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # a bug, not the user's mistake: one line unless asked for more
         if os.environ.get("LOOP_LENS_DEBUG"):
             traceback.print_exc()
-        print(f"loop-lens: internal error: {type(err).__name__}: {err} (a bug in loop_lens; set LOOP_LENS_DEBUG=1 "
+        print(f"loop-lens: internal error: {type(err).__name__}: {terminal_text(err)} (a bug in loop_lens; set LOOP_LENS_DEBUG=1 "
               "for the traceback)", file=sys.stderr)
         return 3
 

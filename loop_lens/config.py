@@ -69,6 +69,9 @@ class Rule:
     cast: Callable[[Any], Any] = lambda v: v
 
 
+MAX_DEFAULT_LOOPS = 1024
+"""The largest default loop count (and L cycles per H cycle) a config may carry; longer runs are asked for with n_loops=."""
+
 POSITIVE_INT = Rule("a positive integer", lambda v: is_integer(v) and v > 0, int)
 COUNT = Rule("an integer >= 0", lambda v: is_integer(v) and v >= 0, int)
 FLAG = Rule("true or false", lambda v: isinstance(v, bool))
@@ -209,6 +212,11 @@ class LoopConfig:
         """Type- and range-check every field, then their combinations; raise ConfigError naming the
         field(s) (`err.fields`) with the problem (`err.problem`) on the first one that is wrong."""
         _check_fields(self)
+        for name in ("default_loops", "l_cycles"):
+            if getattr(self, name) > MAX_DEFAULT_LOOPS:
+                raise _error((name,), f"{name}={getattr(self, name)} is not a usable default loop count (at most "
+                             f"{MAX_DEFAULT_LOOPS}: every run without n_loops= would take that many iterations); "
+                             "run longer with n_loops= / --n-loops instead")
         if self.n_heads % self.n_key_value_heads != 0:
             raise _error(
                 ("n_key_value_heads", "n_heads"),
@@ -294,10 +302,12 @@ class LoopConfig:
         if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
             where = str(text_or_path)
             text = Path(text_or_path).read_text()
+        from loop_lens.files import JSONFileError, parse_json
+
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where} is not valid JSON: {err}") from err
+            data = parse_json(text, where)
+        except JSONFileError as err:
+            raise ConfigError(str(err)) from err
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> LoopConfig:

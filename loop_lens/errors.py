@@ -19,6 +19,10 @@ class UnexpectedTensorsWarning(UserWarning):
     """The checkpoint holds tensors the adapter did not use."""
 
 
+class NonFiniteWeightsWarning(UserWarning):
+    """The checkpoint holds weights that are NaN or infinite."""
+
+
 class HookError(ValueError):
     """A hook returned something that cannot replace the activation it was given."""
 
@@ -30,4 +34,4 @@ class HookNameError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-__all__ = ["ConfigError", "HookError", "HookNameError", "LoadError", "SaveError", "UnexpectedTensorsWarning"]
+__all__ = ["ConfigError", "HookError", "HookNameError", "LoadError", "NonFiniteWeightsWarning", "SaveError", "UnexpectedTensorsWarning"]

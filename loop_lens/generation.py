@@ -17,7 +17,6 @@ Semantics (`docs/generation.md` has the details):
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -31,7 +30,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from loop_lens.checks import check_n_loops, integer, positive_int
+from loop_lens.checks import check_n_loops, finite_number, integer, positive_int
+from loop_lens.checks import seed as check_seed
 from loop_lens.model.run import Run
 from loop_lens.result import Result
 
@@ -379,10 +379,8 @@ def _sample(logits: Tensor, do_sample: bool, top_k: Optional[int], top_p: Option
 
 
 def _number(value: Any, name: str) -> float:
-    """A real number (not a bool), or ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    """A finite real number (not a bool, NaN or an infinity), or ValueError naming the argument."""
+    return finite_number(value, name)
 
 
 def _check_threshold(model: Any, adaptive: Optional[str], threshold: Any) -> float:
@@ -502,7 +500,7 @@ def generate(
         raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
     if initial_state is not None and initial_state not in INITIAL_STATES:
         raise ValueError(f"initial_state must be None (the model's own), 'zeros' or 'embed', got {initial_state!r}")
-    seed = None if seed is None else integer(seed, "seed")
+    seed = None if seed is None else check_seed(seed)
     temperature = _number(temperature, "temperature")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

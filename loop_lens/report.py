@@ -31,7 +31,8 @@ from loop_lens.analysis.fixed_points import cyclic_similarity, fixed_points, ste
 from loop_lens.analysis.hierarchical import hierarchical_convergence
 from loop_lens.analysis.stages import logit_lens
 from loop_lens.analysis.trajectory import pca_trajectory
-from loop_lens.checks import check_n_loops, integer, positive_int
+from loop_lens.checks import check_n_loops, finite_number, integer, positive_int
+from loop_lens.checks import seed as check_seed
 from loop_lens.files import write_text_atomic
 from loop_lens.patching import activation_patch
 from loop_lens.viz import AttentionView, circuitsvis_bundle, figure_html, parts, plotly_bundle, templates
@@ -171,7 +172,13 @@ def build_report(
     if nested and corrupt is not None:
         raise ValueError("corrupt= (activation patching) is not available for nested (HRM) models yet")
     position = integer(position, "position")
-    seed = integer(seed, "seed")
+    seed = check_seed(seed)
+    if threshold is not None:
+        finite_number(threshold, "threshold")
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"the model's weights hold NaN or infinite values in {bad[:8]}{' ...' if len(bad) > 8 else ''}: "
+                         "its activations (and every analysis of them) would not be finite; check the checkpoint")
     if isinstance(prompts, torch.Tensor):
         if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool or prompts.ndim not in (1, 2):
             raise ValueError(f"token prompts must be integer ids [pos] or [batch, pos], got {prompts.dtype} "

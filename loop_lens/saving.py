@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, SaveError
-from loop_lens.files import is_plain_file_name
+from loop_lens.files import checkpoint_file, is_plain_file_name, read_json
 
 CONFIG_NAME = "loop_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -61,9 +61,9 @@ def native_files(directory: Union[str, Path]) -> NativeFiles:
     if not path.is_file():
         raise LoadError(f"no {CONFIG_NAME} in {directory} (native format)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LoadError(f"{path} is not valid JSON: {err}") from err
+        data = read_json(checkpoint_file(directory, CONFIG_NAME))
+    except OSError as err:
+        raise LoadError(f"cannot read {path}: {err}") from err
     if not isinstance(data, dict):
         raise LoadError(f"{path} must hold a JSON object, got {type(data).__name__}")
     files = data.pop(FILES_KEY, None)
@@ -82,7 +82,7 @@ def native_files(directory: Union[str, Path]) -> NativeFiles:
             )
         if not (directory / name).is_file():
             raise LoadError(f"{path} names {role} file {name!r}, which is not a file in {directory}")
-        named[role] = directory / name
+        named[role] = checkpoint_file(directory, name)
     return NativeFiles(data, named["weights"], named["tokenizer"])
 
 

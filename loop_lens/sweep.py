@@ -45,8 +45,10 @@ from loop_lens.analysis.attention import HEAD_TYPES
 from loop_lens.analysis.batching import encode_prompts, prompt_list
 from loop_lens.analysis.result import Result
 from loop_lens.analysis.streaming import ATTENTION_COLUMNS, stream_analyses
-from loop_lens.checks import check_n_loops, integer, positive_int
+from loop_lens.checks import check_n_loops, positive_int
+from loop_lens.checks import seed as check_seed
 from loop_lens.errors import LoadError, SaveError
+from loop_lens.files import read_json
 
 TABLE, HEADS, SUMMARY, PARTS = "sweep.parquet", "heads.parquet", "summary.json", "parts"
 FORMAT_VERSION = 1
@@ -329,19 +331,65 @@ def _part_paths(part_dir: Path, start: int, end: int) -> tuple[Path, Path]:
     return part_dir / f"{stem}.parquet", part_dir / f"{stem}.heads.parquet"
 
 
-def _finished(out_dir: Path, fingerprint: str) -> Optional[bool]:
-    """True when `out_dir` holds this very sweep, complete; False when it holds another complete
-    sweep; None when it holds none."""
-    path = out_dir / SUMMARY
-    if not path.is_file():
-        return None
+def written_by_sweep(path: Path, out_dir: Path) -> bool:
+    """Whether `path` is a file a sweep into `out_dir` writes or deletes (its tables, summary, parts)."""
     try:
-        previous = json.loads(path.read_text())["run"]["fingerprint"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        real, out = path.resolve(), out_dir.resolve()
+    except OSError:
+        return False
+    return real in {out / TABLE, out / HEADS, out / SUMMARY} or (out / PARTS) in real.parents
+
+
+def _summary_fingerprint(path: Path) -> Optional[str]:
+    """The fingerprint of a summary.json a sweep wrote, or None when the file is not one."""
+    try:
+        previous = read_json(path)["run"]["fingerprint"]
+    except (LoadError, OSError, KeyError, TypeError):
+        return None
+    return previous if isinstance(previous, str) else None
+
+
+def _finished(out_dir: Path, fingerprint: str, overwrite: bool) -> Optional[bool]:
+    """True when `out_dir` holds this very sweep, complete; False when it holds another complete
+    sweep (allowed only with `overwrite`); None when it holds none. Tables or a summary that no
+    sweep wrote (a table without the summary and parts of this sweep, a summary.json that is not
+    a sweep's) are refused unless `overwrite`: the sweep only replaces its own files."""
+    path = out_dir / SUMMARY
+    tables = [name for name in (TABLE, HEADS) if (out_dir / name).exists()]
+    if not path.exists():
+        ours = (out_dir / PARTS / fingerprint[:16]).is_dir()  # a crash of this sweep between tables and summary
+        if tables and not ours and not overwrite:
+            raise SaveError(f"{out_dir} holds {tables} but no {SUMMARY}: these are not a sweep loop_lens finished "
+                            "(or one with other settings that was interrupted); pass overwrite=True (--force) to replace "
+                            "them, or choose another folder")
+        return None
+    previous = _summary_fingerprint(path)
+    if previous is None:
+        if not overwrite:
+            raise SaveError(f"{path} is not the summary of a loop_lens sweep (no run.fingerprint in it); the sweep "
+                            "will not replace a file it did not write: pass overwrite=True (--force), or choose another folder")
         return False
     if previous != fingerprint:
         return False
     return True if (out_dir / TABLE).is_file() and (out_dir / HEADS).is_file() else None
+
+
+def _lock(out_dir: Path) -> Any:
+    """Hold `out_dir` for this sweep (an exclusive lock on the folder itself, released when the
+    process ends); SaveError at once when another sweep holds it. Returns the descriptor to close."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no lock
+        return None
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SaveError(f"another sweep is writing into {out_dir} right now (it holds the folder); wait for it to "
+                        "finish, or choose another --out") from None
+    return fd
 
 
 def load_sweep(out_dir: Union[str, Path]) -> SweepResult:
@@ -349,7 +397,7 @@ def load_sweep(out_dir: Union[str, Path]) -> SweepResult:
     out_dir = Path(out_dir)
     if not (out_dir / SUMMARY).is_file():
         raise SaveError(f"{out_dir} holds no finished sweep (no {SUMMARY}; an interrupted sweep leaves none)")
-    summary = json.loads((out_dir / SUMMARY).read_text())
+    summary = read_json(out_dir / SUMMARY, "sweep summary")
     return SweepResult(table=pd.read_parquet(out_dir / TABLE, engine="pyarrow"),
                        heads=pd.read_parquet(out_dir / HEADS, engine="pyarrow"), summary=summary, out_dir=out_dir)
 
@@ -382,7 +430,7 @@ def run_sweep(
     if n_loops is not None:
         positive_int(n_loops, "n_loops")
     batch_size = positive_int(batch_size, "batch_size")
-    seed = integer(seed, "seed")
+    seed = check_seed(seed)
     for name, value in (("tol", tol), ("attention_tol", attention_tol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -391,6 +439,7 @@ def run_sweep(
     items = prompt_list(prompts)
     out_dir = _check_out_dir(out_dir)
 
+    lock = None
     rank, world, started = _distributed()
     try:
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -406,7 +455,9 @@ def run_sweep(
         settings = {"n_loops": T, "batch_size": batch_size, "seed": seed, "lens": lens, "tol": float(tol),
                     "attention_tol": float(attention_tol), "format": FORMAT_VERSION}
         fingerprint = _fingerprint(settings, _model_identity(model), items)
-        done = _finished(out_dir, fingerprint)
+        if rank == 0:
+            lock = _lock(out_dir)
+        done = _finished(out_dir, fingerprint, overwrite)
         if done is False and not overwrite:
             raise SaveError(f"{out_dir} holds a finished sweep with other settings, model or prompts; "
                             "pass overwrite=True (--force) to replace it")
@@ -439,5 +490,7 @@ def run_sweep(
         _barrier(world)
         return load_sweep(out_dir)
     finally:
+        if lock is not None:
+            os.close(lock)
         if started:
             dist.destroy_process_group()

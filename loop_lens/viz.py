@@ -22,6 +22,7 @@ import torch
 from markupsafe import Markup
 
 from loop_lens.cache import LoopCache
+from loop_lens.plotting import safe_figure
 
 # Characters that could end a <script> element or open a tag or comment inside it (and `'`, for
 # single-quoted attributes). json.dumps(ensure_ascii=True) already writes U+2028 / U+2029 (and all
@@ -84,7 +85,7 @@ def figure_html(fig: Any) -> Markup:
     `Plotly.newPlot` call whose figure JSON is escaped with `script_json` (whatever plotly's version)."""
     import plotly.io
 
-    spec = json.loads(plotly.io.to_json(fig, validate=False))
+    spec = json.loads(plotly.io.to_json(safe_figure(fig), validate=False))
     spec["config"] = {"displaylogo": False, "responsive": True}
     return parts().figure("ll-fig-" + uuid.uuid4().hex[:12], spec)
 

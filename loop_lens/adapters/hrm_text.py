@@ -13,7 +13,7 @@ from torch import Tensor
 
 from loop_lens.adapters.families import _rope_scaling, _rope_theta, _vocab
 from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, assemble
-from loop_lens.config import POSITIVE_INT, POSITIVE_NUMBER, LoopConfig
+from loop_lens.config import FLAG, POSITIVE_INT, POSITIVE_NUMBER, TEXT, LoopConfig
 from loop_lens.errors import LoadError
 from loop_lens.families.hrm import HookedHrmTransformer
 
@@ -62,8 +62,8 @@ def hrm_text_config(config: dict[str, Any], src: TensorSource) -> LoopConfig:
         final_norm=False,
         tie_embeddings=r.get("tie_embeddings", "tie_word_embeddings", default=False),
         family="hrm_text",
-        model_name=str(config.get("_name_or_path") or "hrm-text"),
-        extra={"prefix_lm": bool(config.get("prefix_lm", True))},
+        model_name=r.checked("model_name", TEXT, "_name_or_path", default="") or "hrm-text",
+        extra={"prefix_lm": r.checked("prefix_lm", FLAG, "prefix_lm", default=True)},
     )
 
 

@@ -8,7 +8,6 @@ may only name plain file names inside the checkpoint directory.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,9 +18,9 @@ import torch
 from torch import Tensor
 
 from loop_lens.config import LoopConfig, Rule, show_value
-from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
+from loop_lens.errors import ConfigError, LoadError, NonFiniteWeightsWarning, UnexpectedTensorsWarning
 from loop_lens.families import model_class
-from loop_lens.files import is_plain_file_name
+from loop_lens.files import checkpoint_file, is_plain_file_name, parse_json, read_json
 from loop_lens.model.components import Rotary
 from loop_lens.model.looped import HookedLoopedTransformer
 
@@ -37,44 +36,65 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise LoadError(f"no config.json in {directory}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LoadError(f"{path} is not valid JSON: {err}") from err
+    data = read_json(checkpoint_file(directory, "config.json"))
     if not isinstance(data, dict):
         raise LoadError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, memory-mapped: nothing is read until it is used.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+for _name in ("uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        _ST_DTYPES["U" + _name[4:]] = getattr(torch, _name)
 
-    Each tensor gets its own mapping of the file, so that a tensor dropped once it has been
-    converted (`assemble` does this) gives its pages back at once instead of when the last tensor
-    of the file goes; tensors kept at the file's dtype stay backed by the file (a private mapping:
-    writes to them never reach the file).
+
+def read_safetensors(path: Path, only: Optional[Iterable[str]] = None) -> dict[str, Tensor]:
+    """The tensors of a safetensors file (those named in `only`, when given), read into memory
+    the process owns.
+
+    The `safetensors` library checks the header first (a lying header is refused there); then
+    the file is read once, front to back, each tensor straight into its own buffer. Nothing stays
+    memory-mapped: a file truncated or rewritten after loading cannot crash the process (SIGBUS)
+    or change the weights, and reading is linear in the number of tensors.
     """
     from safetensors import SafetensorError, safe_open
 
+    path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-        tensors = {}
-        for name in names:
-            with safe_open(str(path), framework="pt") as handle:
-                tensors[name] = handle.get_tensor(name)
+        with safe_open(str(path), framework="pt") as handle:  # validates the header against the file
+            names = set(handle.keys())
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = parse_json(f.read(size).decode("utf-8"), f"the header of {path}")
+            wanted = names if only is None else names & set(only)
+            entries = sorted(((k, header[k]) for k in wanted), key=lambda kv: kv[1]["data_offsets"][0])
+            tensors = {}
+            for name, entry in entries:
+                dtype = _ST_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise LoadError(f"tensor {name!r} in {path} has dtype {entry['dtype']}, which loop_lens does not read")
+                start, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=dtype)
+                if end > start:
+                    f.seek(8 + size + start)
+                    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                    if f.readinto(view) != end - start:
+                        raise LoadError(f"{path} ended inside tensor {name!r} (the file changed while it was read?)")
+                tensors[name] = tensor
         return tensors
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        if isinstance(err, LoadError):
+            raise
         raise LoadError(f"cannot read {path} (truncated or corrupt safetensors file?): {err}") from err
 
 
-def _read_index(index: Path, directory: Path) -> tuple[list[Path], list[str]]:
-    """The shard files a safetensors index names (each a plain file name in `directory`) and the
-    tensor names it lists."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise LoadError(f"{index} is not a valid safetensors index: {err}") from err
+def _read_index(index: Path, directory: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The shard files a safetensors index names (each a plain file name in `directory`), by
+    name, and its weight map (tensor name -> shard name)."""
+    data = read_json(index, "safetensors index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise LoadError(f"{index} is not a valid safetensors index: 'weight_map' must be a non-empty object")
     shards: dict[str, Path] = {}
@@ -87,8 +107,22 @@ def _read_index(index: Path, directory: Path) -> tuple[list[Path], list[str]]:
         path = directory / shard  # a symlink is fine: the hub cache links each file into blobs/
         if not path.is_file():
             raise LoadError(f"{index} names shard {shard!r}, which is not a file in {directory}")
-        shards[shard] = path
-    return [shards[name] for name in sorted(shards)], list(weight_map)
+        shards[shard] = checkpoint_file(directory, shard)
+    return {name: shards[name] for name in sorted(shards)}, weight_map
+
+
+_UNSAFE_ADVICE = ("weights_only", "trust", "safe_globals", "arbitrary code", "add_safe_globals")
+
+
+def _pickle_problem(err: BaseException) -> str:
+    """What torch's refusal of a pickle says is wrong, without its advice to load the file with
+    `weights_only` turned off (which would run the file's code): the unpickler's own line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
+    safe = [line for line in lines if not any(word in line.lower() for word in _UNSAFE_ADVICE)]
+    return safe[0] if safe else type(err).__name__
 
 
 def read_tensors(directory: Path) -> tuple[dict[str, Tensor], str]:
@@ -97,31 +131,56 @@ def read_tensors(directory: Path) -> tuple[dict[str, Tensor], str]:
     index = directory / "model.safetensors.index.json"
     bin_file = directory / "pytorch_model.bin"
     if single.is_file():
-        return read_safetensors(single), str(single)
+        return read_safetensors(checkpoint_file(directory, single.name)), str(single)
     if index.is_file():
-        shards, listed = _read_index(index, directory)
+        shards, weight_map = _read_index(checkpoint_file(directory, index.name), directory)
         tensors: dict[str, Tensor] = {}
-        for shard in shards:
-            tensors.update(read_safetensors(shard))
-        missing = sorted(set(listed) - set(tensors))
+        ignored: list[str] = []
+        for shard, path in shards.items():
+            listed = {name for name, where in weight_map.items() if where == shard}
+            part = read_safetensors(path, only=listed)
+            tensors.update(part)
+            ignored += _unlisted(path, listed)
+        missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise LoadError(f"shards lack tensors their index lists: {missing[:5]}")
+        if ignored:
+            warnings.warn(
+                f"{len(ignored)} tensor(s) in the shards of {index} are not mapped to their shard by the index and "
+                f"were ignored (the index decides which copy is read): {ignored[:8]}{' ...' if len(ignored) > 8 else ''}",
+                UnexpectedTensorsWarning, stacklevel=3)
         return tensors, str(index)
     if bin_file.is_file():
+        path = checkpoint_file(directory, bin_file.name)
         try:
-            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for bad pickles
-            raise LoadError(f"cannot read {bin_file} with weights_only=True: {err}") from err
+            raise LoadError(f"refused to read {bin_file}: it is not a plain tensor file, so torch.load(weights_only=True) "
+                            f"refused it ({_pickle_problem(err)}). loop_lens never runs code from a checkpoint; convert the "
+                            "weights to safetensors on a machine you trust") from None
         if not isinstance(state, dict):
             raise LoadError(f"{bin_file} does not hold a state dict")
         bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
         if bad:
             raise LoadError(f"{bin_file} holds entries that are not named tensors: {bad[:5]}")
+        odd = [f"{k} ({'meta' if v.is_meta else v.layout})" for k, v in state.items()
+               if v.is_meta or v.layout != torch.strided]
+        if odd:
+            raise LoadError(f"{bin_file} holds tensors with no dense values (sparse or meta): {odd[:5]}; "
+                            "weights must be dense tensors")
         return state, str(bin_file)
     raise LoadError(
         f"no weights in {directory}: expected model.safetensors, model.safetensors.index.json "
         "or pytorch_model.bin"
     )
+
+
+def _unlisted(path: Path, listed: set[str]) -> list[str]:
+    """Tensor names in shard `path` that its index does not map to it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return sorted(set(handle.keys()) - listed)
 
 
 class TensorSource:
@@ -204,6 +263,22 @@ class CheckpointConfig:
             raise LoadError(f"{where}: {getattr(err, 'problem', err)}") from err
 
 
+def check_sizes_against_tensors(cfg: LoopConfig, mapped: dict[str, tuple[str, Tensor]], source: TensorSource) -> None:
+    """Refuse, before any module is built, a config whose sizes need more weights than the files
+    hold: every layer has at least its query and output projections and two MLP matrices, and
+    there is an embedding. A layer count or width that no file could back (10**8 layers) is an
+    error here in microseconds instead of a model built for hours."""
+    layers = cfg.n_prelude + cfg.n_block + cfg.n_coda
+    per_layer = 2 * cfg.d_model * cfg.n_heads * cfg.d_head + 2 * cfg.d_model * cfg.d_mlp
+    need = layers * per_layer + cfg.d_vocab * cfg.d_model
+    have = sum(t.numel() for _, t in mapped.values()) + sum(t.numel() for t in source.tensors.values())
+    if need > have:
+        fields = ", ".join(f"{f}={getattr(cfg, f)}" for f in ("d_model", "d_mlp", "d_vocab", "n_heads", "d_head",
+                                                                "n_prelude", "n_block", "n_coda"))
+        raise LoadError(f"cannot build a model of this config ({fields}): it needs at least {need:,} weights, but "
+                        f"{source.origin} holds {have:,}; the config's sizes do not match the weights")
+
+
 def _convert(
     expected: dict[str, Tensor],
     mapped: dict[str, tuple[str, Tensor]],
@@ -216,13 +291,20 @@ def _convert(
     its copy exists, so the memory-mapped source and the converted weights are never both resident
     in full. Tensors already at `dtype` on the CPU are used as they are (no copy)."""
     state: dict[str, Tensor] = {}
+    non_finite = []
     for name in expected:
         src_name, tensor = mapped.pop(name)
         source.tensors.pop(src_name, None)
         state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+        if not bool(torch.isfinite(tensor).all()):
+            non_finite.append(src_name)
         del tensor
     mapped.clear()  # tensors mapped to no parameter (already reported as unused)
     source.tensors.clear()
+    if non_finite:
+        warnings.warn(f"{len(non_finite)} tensor(s) in {source.origin} hold NaN or infinite values: "
+                      f"{non_finite[:8]}{' ...' if len(non_finite) > 8 else ''}; the model's outputs will not be finite",
+                      NonFiniteWeightsWarning, stacklevel=4)
     return state
 
 
@@ -264,6 +346,7 @@ def assemble(
     """
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
+    check_sizes_against_tensors(cfg, mapped, source)
     try:
         with torch.device("meta"), _no_init():
             model = (model_cls or model_class(cfg.family))(cfg, tokenizer=tokenizer)

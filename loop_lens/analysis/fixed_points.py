@@ -19,6 +19,7 @@ from loop_lens.analysis import _checks
 from loop_lens.analysis._types import Mask
 from loop_lens.analysis.result import Result, first_stable, long_frame
 from loop_lens.cache import LoopCache
+from loop_lens.checks import tolerance
 
 EPS = 1e-12
 
@@ -112,7 +113,7 @@ class FixedPoints(Result):
 
     def degenerate(self, tol: float = 1e-3) -> bool:
         """True when all block layers share one fixed point (min cosine within `tol` of 1)."""
-        return self.min_layer_cosine > 1 - tol
+        return self.min_layer_cosine > 1 - tolerance(tol, "tol")
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (iteration, layer, batch)."""

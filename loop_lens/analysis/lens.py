@@ -11,7 +11,6 @@ translator per (iteration, layer) in front of the logit lens) is a subclass of `
 
 from __future__ import annotations
 
-import html
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,7 +173,7 @@ class StateLensResult(Result):
         b = _checks.index(batch, "batch", self.logits.shape[1], "batch items")
         top = self.log_probs[:, b].max(-1)  # [T, S]
         z = top.values.exp().cpu().numpy()
-        text = [[html.escape(self.token(int(i))) for i in row] for row in top.indices.tolist()]  # plotly text is HTML
+        text = [[self.token(int(i)) for i in row] for row in top.indices.tolist()]  # escaped by Result.plot
         fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale="Blues",
                                    x=[f"pos {s}" for s in range(z.shape[1])], y=[f"t{t}" for t in range(z.shape[0])]))
         fig.update_layout(title=f"{self.lens} lens of each iteration's state: top-1 probability",

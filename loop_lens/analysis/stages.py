@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -112,7 +111,7 @@ class LensResult(Result):
         position, batch = self._at(position, batch)
         z = getattr(self, value)[:, :, batch, position].float().cpu().numpy()
         # plotly reads text as its own HTML subset: escape token strings so they show as typed
-        text = [[html.escape(self.token(int(self.top_ids[t, layer, batch, position, 0]))) for layer in range(z.shape[1])]
+        text = [[(self.token(int(self.top_ids[t, layer, batch, position, 0]))) for layer in range(z.shape[1])]
                 for t in range(z.shape[0])]
         fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale="Blues",
                                    x=[f"L{layer}" for layer in range(z.shape[1])], y=[f"t{t}" for t in range(z.shape[0])]))

@@ -22,7 +22,8 @@ from transformer_lens.hook_points import HookPoint
 
 from loop_lens import generation
 from loop_lens.cache import LoopCache, additivity_breaks
-from loop_lens.checks import check_n_loops, integer
+from loop_lens.checks import check_n_loops, float_dtype, hook_iteration, hook_name_problem, real_tensor
+from loop_lens.checks import seed as check_seed
 from loop_lens.config import LoopConfig
 from loop_lens.errors import HookError, HookNameError
 from loop_lens.model.components import Block, Injection, Norm, Rotary
@@ -228,6 +229,8 @@ class HookedLoopedTransformer(HookedRootModule):
         hp = self.mod_dict.get(name)
         if isinstance(hp, HookPoint):
             return hp
+        if hook_name_problem(name):
+            raise HookNameError(hook_name_problem(name))
         named = self._iterations_named([name])
         if named:
             self._materialise(named)
@@ -246,8 +249,8 @@ class HookedLoopedTransformer(HookedRootModule):
         """The iterations whose hook points these names (of any run length) refer to."""
         found = set()
         for name in names:
-            if isinstance(name, str) and name.startswith("iter.") and name.split(".", 2)[-1] in self._iter_suffixes:
-                found.add(parse_hook_name(name).iteration)
+            if hook_iteration(name) is not None and name.split(".", 2)[-1] in self._iter_suffixes:
+                found.add(hook_iteration(name))
         return sorted(found)
 
     # ------------------------------------------------------------------ hooks (TransformerLens API)
@@ -277,8 +280,12 @@ class HookedLoopedTransformer(HookedRootModule):
                             "not a function (activation, hook) -> activation or None")
         fn = _checked_hook(hook) if dir == "fwd" else hook
         if isinstance(name, str):
-            hp = self._hook_point(name)
-            self.check_and_add_hook(hp, name, fn, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+            try:
+                hp = self._hook_point(name)
+                self.check_and_add_hook(hp, name, fn, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+            except BaseException:
+                self._release()  # a refused name leaves no hook points behind
+                raise
             return
         if not callable(name):
             raise TypeError(f"a hook name must be a string or a filter function, got {type(name).__name__}")
@@ -359,7 +366,7 @@ class HookedLoopedTransformer(HookedRootModule):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no text given: an empty list of prompts")
-        tokens, mask = encode_batch(self.tokenizer, texts, prepend_bos=prepend_bos)
+        tokens, mask = encode_batch(self.tokenizer, texts, prepend_bos=prepend_bos, d_vocab=self.cfg.d_vocab)
         return tokens.to(self.device), mask.to(self.device)
 
     def to_str_tokens(self, text_or_tokens: Union[str, Tensor, Sequence[int]]) -> list[str]:
@@ -483,10 +490,11 @@ class HookedLoopedTransformer(HookedRootModule):
         given = [n for n, v in (("seed", seed), ("generator", generator), ("initial_state", initial_state)) if v is not None]
         if len(given) > 1:
             raise ValueError(f"give one of seed=, generator= or initial_state=, not {' and '.join(given)}")
-        if seed is not None and not 0 <= integer(seed, "seed") < 2**63:
-            raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+        if seed is not None:
+            check_seed(seed)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        real_tensor(initial_state, "initial_state")
         if initial_state is not None and (not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != shape):
             got = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else type(initial_state).__name__
             raise ValueError(f"initial_state has shape {got}, expected {shape} [batch, pos, d_model]")
@@ -494,6 +502,7 @@ class HookedLoopedTransformer(HookedRootModule):
     def _check_mask(self, mask: Optional[Tensor], B: int, S: int) -> Optional[Tensor]:
         if mask is None:
             return None
+        real_tensor(mask, "attention_mask")
         mask = torch.as_tensor(mask, device=self.device)
         if tuple(mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the tokens have shape {(B, S)}")
@@ -808,6 +817,8 @@ class HookedLoopedTransformer(HookedRootModule):
         smaller. A filter that selects nothing warns; a listed name that is no hook point of this
         run raises HookNameError.
         """
+        if cache_dtype is not None:
+            cache_dtype = float_dtype(cache_dtype, "cache_dtype")
         T = self._loops_of(model_args, kwargs)
         try:
             wanted = self._names_in_run(names_filter, T)

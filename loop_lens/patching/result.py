@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -117,7 +116,7 @@ class PatchingResult(Result):
             titles.append("prelude / coda")
         fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, shared_yaxes=False)
         bound = float(max(eff.abs().max(), max((r.abs().max() for _, r in outer), default=torch.tensor(0.0)))) or 1.0
-        x = [html.escape(s) for s in self._labels()]
+        x = list(self._labels())  # escaped by Result.plot
         for c, (_, z) in enumerate(panels, start=1):
             fig.add_trace(go.Heatmap(z=z.numpy(), x=x, y=[f"t{t}" for t in range(z.shape[0])], colorscale="RdBu", zmid=0,
                                      zmin=-bound, zmax=bound, showscale=c == 1), row=1, col=c)
