@@ -420,7 +420,7 @@ class HookedLoopedTransformer(HookedRootModule):
         T = check_n_loops(n_loops, cfg.default_loops)
         tokens, text_mask = self.as_tokens(input)
         B, S = tokens.shape
-        self._check_start(seed, generator, initial_state, (B, S, cfg.d_model))
+        self._check_start(seed, generator, initial_state, self._state_shape(B, S))
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {list(RETURN_TYPES)}, got {return_type!r}")
         if return_type in ("loss", "both") and S < 2:
@@ -497,7 +497,7 @@ class HookedLoopedTransformer(HookedRootModule):
         real_tensor(initial_state, "initial_state")
         if initial_state is not None and (not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != shape):
             got = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else type(initial_state).__name__
-            raise ValueError(f"initial_state has shape {got}, expected {shape} [batch, pos, d_model]")
+            raise ValueError(f"initial_state has shape {got}, expected {shape} [batch, pos, state width]")
 
     def _check_mask(self, mask: Optional[Tensor], B: int, S: int) -> Optional[Tensor]:
         if mask is None:
@@ -672,6 +672,11 @@ class HookedLoopedTransformer(HookedRootModule):
         if self.rotary is None:
             return None
         return self.rotary(S, device) if positions is None else self.rotary.at(positions)
+
+    def _state_shape(self, batch: int, pos: int) -> tuple[int, int, int]:
+        """The shape of the state a pass carries, as `initial_state=` must give it (a family whose
+        state has its own width says so)."""
+        return (batch, pos, self.cfg.d_model)
 
     def _kv_policy(self, site: tuple, n_loops: int) -> tuple[tuple, bool]:
         """Generation's KV cache at a site: which site's cached keys it reads, and whether it
