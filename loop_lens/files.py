@@ -20,13 +20,18 @@ def is_plain_file_name(name: Any) -> bool:
 def write_text_atomic(path: Union[str, Path], text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder, synced and then renamed
     over `path` in one step: readers see the old file or the new one, never a part."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Union[str, Path], data: bytes) -> Path:
+    """`write_text_atomic` for bytes (a serialised safetensors file, say)."""
     path = Path(path)
     check_output_file(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, _mode_for(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -52,6 +52,13 @@ class Lens(ABC):
     ) -> Float[Tensor, "*lead pos d_vocab"]:
         """Logits from `x`, read at hook point `hook` (None: a residual stream not yet normed)."""
 
+    def check_model(self, model: LoopedModel) -> None:
+        """Raise ValueError unless this lens can read `model`'s states: the model it was built for
+        must have the same config (a lens learned from one model's weights checks those too)."""
+        diff = _checks.config_diff(self.model.cfg, model.cfg)
+        if diff:
+            raise ValueError(f"lens {self!r} was built for a model whose config differs from this model's (lens vs model: {diff})")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model.cfg.model_name!r})"
 
@@ -111,11 +118,9 @@ LENSES: dict[str, type[Lens]] = {lens.name: lens for lens in (LogitLens, CodaLen
 
 def get_lens(model: LoopedModel, lens: Union[str, Lens]) -> Lens:
     """A lens for `model` from a name in `LENSES` or a Lens instance built for a model with the
-    same config."""
+    same config (`Lens.check_model`)."""
     if isinstance(lens, Lens):
-        diff = _checks.config_diff(lens.model.cfg, model.cfg)
-        if diff:
-            raise ValueError(f"lens {lens!r} was built for a model whose config differs from this model's (lens vs model: {diff})")
+        lens.check_model(model)
         return lens
     if isinstance(lens, str) and lens in LENSES:
         return LENSES[lens](model)
