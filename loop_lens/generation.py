@@ -553,7 +553,6 @@ def generate(
     with model._options(**options) as opts, hooks:
         plan.options = opts
         model._check_hooks_fire(T)
-        model._attach_filter_hooks(T)
         seq, seq_mask = tokens, mask
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         known = torch.zeros(B, 0, dtype=torch.long, device=tokens.device)

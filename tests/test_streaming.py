@@ -65,3 +65,30 @@ def test_streaming_keeps_its_buffers_on_the_model_device(tokens):
             streamed = stream_analyses(model, tokens, n_loops=3, seed=0, attention_mask=mask, lens=lens)
             assert streamed.steps.norm.device.type == "cpu" and streamed.lens_top1.device.type == "cpu"
             streamed.to_frame()
+
+
+@pytest.mark.parametrize("T", [4, 64])
+def test_hooks_by_filter_hold_one_iterations_hook_points_at_a_time(tokens, T):
+    """A filter hook (as the streaming analyses and run_with_hooks use) gets each iteration's hook
+    points when the loop reaches it and drops them when the iteration ends, so the hook points alive
+    at any moment do not grow with the run's length (a per-iteration leak fails this)."""
+    model = tiny_model("huginn")
+    alive, fired = [], []
+
+    def watch(x, hook):
+        alive.append(len(model.iter))
+        fired.append(hook.name)
+
+    model.run_with_hooks(tokens, n_loops=T, seed=0, fwd_hooks=[(lambda n: n.endswith("blocks.0.hook_resid_post"), watch)])
+    assert [n for n in fired if n.startswith("iter.")] == [f"iter.{t}.blocks.0.hook_resid_post" for t in range(T)]
+    assert max(alive) == 1 and len(model.iter) == 0
+    streamed = stream_analyses(model, tokens, n_loops=T, seed=0)
+    assert streamed.steps.relative.shape[0] == T and len(model.iter) == 0
+    # a second run reaches every iteration again, and a named hook keeps its iteration's hook points
+    fired.clear()
+    model.add_hook(f"iter.{T - 1}.blocks.1.hook_resid_pre", lambda x, hook: None)
+    model.run_with_hooks(tokens, n_loops=T, seed=0, fwd_hooks=[(lambda n: n.endswith("blocks.0.hook_resid_post"), watch)])
+    assert [n for n in fired if n.startswith("iter.")] == [f"iter.{t}.blocks.0.hook_resid_post" for t in range(T)]
+    assert list(model.iter) == [str(T - 1)]
+    model.reset_hooks()
+    assert len(model.iter) == 0

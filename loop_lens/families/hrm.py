@@ -247,9 +247,9 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         if any(grew):
             self.setup()
 
-    def _release(self) -> None:
+    def _drop(self, keys: Sequence[str]) -> None:
         """The base's, then spare containers shrink back to the checkpoint's L cycles."""
-        super()._release()
+        super()._drop(keys)
         for container in self._spare_hooks:
             del container.low[self.cfg.l_cycles:]
 

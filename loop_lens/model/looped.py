@@ -124,6 +124,7 @@ class HookedLoopedTransformer(HookedRootModule):
         template = self.iteration_hooks_cls(cfg)
         self._iter_suffixes = tuple(n for n, m in template.named_modules() if isinstance(m, HookPoint))
         self._filter_hooks: list[_FilterHook] = []
+        self._passing: set[int] = set()  # passes whose container _enter_pass made for filter hooks alone
         self._spare_hooks: list[nn.Module] = []  # released containers, reused (not submodules)
         self._warned_long_input = False
         self.setup()
@@ -205,14 +206,17 @@ class HookedLoopedTransformer(HookedRootModule):
     def _release(self) -> None:
         """Drop the hook points of iterations where nothing is attached any more (keeping a few
         containers to reuse, so repeated hooked runs do not rebuild them)."""
-        idle = [k for k, it in self.iter.items() if not _has_hooks(it)]
-        for k in idle:
+        self._drop([k for k, it in self.iter.items() if not _has_hooks(it)])
+
+    def _drop(self, keys: Sequence[str]) -> None:
+        """Drop these iterations' containers (keeping a few to reuse)."""
+        for k in keys:
             container = self.iter[k]
             del self.iter[k]
             if len(self._spare_hooks) < SPARE_ITERATION_HOOKS:
                 container.clear_hook_contexts()
                 self._spare_hooks.append(container)
-        if idle:
+        if keys:
             self.setup()
 
     @property
@@ -307,19 +311,40 @@ class HookedLoopedTransformer(HookedRootModule):
         ]
         self._release()
 
-    def _attach_filter_hooks(self, n_loops: int) -> None:
-        """Give every filter hook the iterations of this run it has not reached yet (creating
-        their hook points in one go)."""
-        todo = []
+    def _enter_pass(self, t: int) -> Any:
+        """The hook container of pass t as the loop reaches it, after giving every filter hook
+        the names of pass t it has not been offered yet (creating their hook points now). A
+        container made here for forward filter hooks alone is dropped again when the pass ends
+        (`_leave_pass`), so hooks by filter cost memory for one pass at a time, whatever the run's
+        length."""
+        todo = [(f, names) for f in self._filter_hooks if (names := [n for n in self._unreached(f, t) if f.names(n)])]
+        if todo:
+            fresh = str(t) not in self.iter
+            self._materialise([t])
+            for f, names in todo:
+                for n in names:
+                    self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent,
+                                            level=f.level, prepend=f.prepend)
+            if fresh and all(f.dir == "fwd" for f, _ in todo):
+                self._passing.add(t)
+        return self._iteration_hooks(t)
+
+    def _leave_pass(self, t: int) -> None:
+        """Drop pass t's container if `_enter_pass` made it for forward filter hooks alone (and
+        nothing was added to it by name since); filters will be offered pass t again next run."""
+        if t not in self._passing:
+            return
+        self._passing.discard(t)
+        container = self.iter[str(t)]
+        if self._named_hook_at(container):
+            return
+        for module in container.modules():
+            if isinstance(module, HookPoint):
+                module.remove_hooks("both", including_permanent=True)
         for f in self._filter_hooks:
-            for t in range(n_loops):
-                names = [n for n in self._unreached(f, t) if f.names(n)]
-                if names:
-                    todo.append((t, f, names))
-        self._materialise(sorted({t for t, _, _ in todo}))
-        for _, f, names in todo:
-            for n in names:
-                self.check_and_add_hook(self.mod_dict[n], n, f.hook, dir=f.dir, is_permanent=f.is_permanent, level=f.level, prepend=f.prepend)
+            f.attached.discard(t)
+            f.reach.pop(t, None)
+        self._drop([str(t)])
 
     def _unreached(self, f: _FilterHook, t: int) -> list[str]:
         """The hook names of iteration t in this run that filter hook `f` has not been offered
@@ -441,7 +466,6 @@ class HookedLoopedTransformer(HookedRootModule):
                                  f"{self._run_label(T)})")
             stop_at_layer = int(stop_at_layer) % depth if stop_at_layer < 0 else int(stop_at_layer)
         self._check_hooks_fire(T)
-        self._attach_filter_hooks(T)
         rope = self._rope(S, tokens.device)
         return Run(tokens, T, self._resolve_exit(exit, T, return_type), mask, self.rotary, rope, stop_at_layer,
                    start=initial_state, seed=seed, generator=generator)
@@ -639,10 +663,11 @@ class HookedLoopedTransformer(HookedRootModule):
         for t in range(run.n_loops):
             if not run.running(t):
                 break
-            hooks = self._iteration_hooks(t)
+            hooks = self._enter_pass(t)
             before = carry
             carry = self._pass(run, t, carry, e, hooks)
             carry = run.after_pass(self, t, before, carry, self._gate(run, t, carry, hooks))
+            self._leave_pass(t)
         return carry
 
     def _pass(self, run: Run, t: int, s: Tensor, e: Tensor, hooks: Any) -> Tensor:
