@@ -183,15 +183,31 @@ def _check_outputs(args: argparse.Namespace) -> None:
                 raise SaveError(f"{flag} {target} is the prompts file; the report would overwrite its input")
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Every family's run keyword as `--name` (they reach the model's run; a model without it refuses)."""
+    from loop_lens.families import RUN_OPTIONS
+
+    for name, text in RUN_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, dest=name, help=text)
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, int]:
+    """The family run keywords given on the command line, checked."""
+    from loop_lens.checks import positive_int
+    from loop_lens.families import RUN_OPTIONS
+
+    return {name: positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+            for name in RUN_OPTIONS if getattr(args, name, None) is not None}
+
+
 def _report(args: argparse.Namespace) -> int:
     import loop_lens as ll
-    from loop_lens.checks import check_n_loops, finite_number, positive_int, seed
+    from loop_lens.checks import check_n_loops, finite_number, seed
     from loop_lens.errors import LoadError
     from loop_lens.report import build_report
 
     n_loops = check_n_loops(args.n_loops, 1)
-    if args.l_cycles is not None:
-        positive_int(args.l_cycles, "--l-cycles")
+    options = _run_options(args)
     seed(args.seed, "--seed")
     if args.threshold is not None:
         finite_number(args.threshold, "--threshold")
@@ -208,7 +224,7 @@ def _report(args: argparse.Namespace) -> int:
     report = build_report(model, prompts, n_loops=n_loops if args.n_loops is not None else None, model_name=args.model,
                           command=command, position=args.position, seed=args.seed, progress=not args.quiet,
                           corrupt=args.corrupt, generate=args.generate, adaptive=args.adaptive, threshold=args.threshold,
-                          l_cycles=args.l_cycles)
+                          **options)
     report.save(Path(args.out), json_path=args.json)
     print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
     return 0
@@ -335,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the iterations each used")
     p.add_argument("--adaptive", default=None, choices=["kl", "entropy", "argmax", "gate"], help="exit criterion for --generate")
     p.add_argument("--threshold", type=float, default=None, help="threshold of the --adaptive criterion")
-    p.add_argument("--l-cycles", type=int, default=None, help="nested (HRM) models: L cycles per H cycle "
-                   "(default: the model's own; --n-loops sets the H cycles)")
+    _add_run_options(p)
     p.add_argument("--dtype", default=None, choices=DTYPES, help="load the weights in this dtype "
                    "(default: the checkpoint's)")
     p.set_defaults(func=_report)

@@ -27,6 +27,11 @@ class HookError(ValueError):
     """A hook returned something that cannot replace the activation it was given."""
 
 
+class RunOptionError(TypeError, ValueError):
+    """A run keyword this model's family does not take (a TypeError, as Python's own for an
+    unexpected keyword, and a ValueError, as every bad argument here)."""
+
+
 class HookNameError(KeyError, ValueError):
     """A hook name that names no hook point of the model (or none that runs in this forward)."""
 
@@ -34,4 +39,5 @@ class HookNameError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-__all__ = ["ConfigError", "HookError", "HookNameError", "LoadError", "NonFiniteWeightsWarning", "SaveError", "UnexpectedTensorsWarning"]
+__all__ = ["ConfigError", "HookError", "HookNameError", "LoadError", "NonFiniteWeightsWarning", "RunOptionError", "SaveError",
+           "UnexpectedTensorsWarning"]

@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 
 from loop_lens.analysis.attention import attention_stability
 from loop_lens.analysis.fixed_points import cyclic_similarity, fixed_points, step_sizes
-from loop_lens.analysis.hierarchical import hierarchical_convergence
 from loop_lens.analysis.stages import logit_lens
 from loop_lens.analysis.trajectory import pca_trajectory
-from loop_lens.checks import check_n_loops, finite_number, integer, positive_int
+from loop_lens.checks import check_n_loops, finite_number, integer, single_loop
 from loop_lens.checks import seed as check_seed
 from loop_lens.files import write_text_atomic
 from loop_lens.patching import activation_patch
@@ -150,7 +149,7 @@ def build_report(
     generate: int = 0,
     adaptive: Optional[str] = None,
     threshold: Optional[float] = None,
-    l_cycles: Optional[int] = None,
+    **options: Any,
 ) -> Report:
     """Run the model on the prompts (one batch, right-padded) and assemble every section.
 
@@ -160,17 +159,16 @@ def build_report(
     generated tokens after prompt 0 with the iterations each used (`adaptive=` / `threshold=`
     pick an exit criterion, as `model.generate`).
 
-    A nested (HRM) model's report reads the H stack (one iteration per H cycle; `l_cycles=` sets
-    the L cycles per H cycle) and adds the hierarchical-convergence picture and the L stack's
-    convergence and head stability (one iteration per L cycle, in running order)."""
+    `options` are the family's run keywords (as `forward` takes them: HRM-Text's `l_cycles=`); a
+    family may add sections of its own (`model._report_sections`: HRM-Text's hierarchical
+    convergence and its L stack's convergence and head stability)."""
     cfg = model.cfg
     T = check_n_loops(n_loops, model.cfg.default_loops)
-    nested = cfg.l_cycles > 0
-    if l_cycles is not None and not nested:
-        raise ValueError("l_cycles= sets the L cycles of a nested (HRM) model; this model has a single loop")
-    run_kwargs = {"l_cycles": positive_int(l_cycles, "l_cycles")} if l_cycles is not None else {}
-    if nested and corrupt is not None:
-        raise ValueError("corrupt= (activation patching) is not available for nested (HRM) models yet")
+    run_kwargs = {k: v for k, v in options.items() if v is not None}
+    with model._options(**run_kwargs):  # checks them before any compute
+        pass
+    if corrupt is not None:
+        single_loop(model, "corrupt= (activation patching)")
     position = integer(position, "position")
     seed = check_seed(seed)
     if threshold is not None:
@@ -241,7 +239,7 @@ def build_report(
         "model": model_name or cfg.model_name,
         "family": cfg.family,
         "layout": f"{cfg.layout}  (run with n_loops = {T}"
-                  + (f", l_cycles = {cache.l_cycles})" if nested else ")"),
+                  + "".join(f", {k} = {v}" for k, v in cache.options.items()) + ")",
         "prompts": " | ".join(prompt_text)[:2000],
         "seed": seed,
         "loop_lens": package_version("loop-lens"),
@@ -253,14 +251,13 @@ def build_report(
     block = parts()
     report = Report(meta)
     extra: dict[str, Any] = {}
-    stack = "H stack: " if nested else ""  # a nested model's sections below read the H stack unless they say L
-    report.sections.append(("Layout", block.layout(cfg, T, getattr(cache, "l_cycles", 0))))
+    stack = model.report_stack_label  # which stack the sections below read, where a family has more than one
+    report.sections.append(("Layout", block.layout(cfg, T, model._describe_layout(T, cache.options))))
     conv_text = ", ".join(f"layer {i}: {'never' if c < 0 else c}" for i, c in enumerate(conv.max(dim=1).values.tolist()))
     report.sections.append((f"{stack}Convergence of each block layer", figure_html(steps.plot()) + block.note(
         "Relative step ||X_t - X_(t-1)|| / ||X_t|| per layer (mean over prompts). Convergence iteration (relative "
         f"step stays below {convergence_tol:g}): {conv_text}.")))
-    if nested:
-        extra.update(_nested_sections(report, cache, tokens, m, stabilisation_tol, convergence_tol))
+    extra.update(model._report_sections(report, cache, tokens, m, stabilisation_tol, convergence_tol))
     report.sections.append((f"{stack}Fixed-point cosine matrix", figure_html(fp.plot_layer_cosine()) + block.note(
         f"cos(X*_i, X*_j) with X* = the last iteration; min = {fp.min_layer_cosine:.4f} "
         f"({'degenerate: one shared point' if fp.degenerate() else 'distinct fixed points per layer'}).")))
@@ -307,36 +304,6 @@ def build_report(
         **extra,
     }
     return report
-
-
-def _nested_sections(report: Report, cache: Any, tokens: Tensor, mask: Optional[Tensor], stabilisation_tol: float,
-                     convergence_tol: float) -> dict[str, Any]:
-    """A nested (HRM) model's own sections: the hierarchical-convergence picture, and the L
-    stack's convergence and head stability over every L cycle in running order. Returns their
-    numbers."""
-    block = parts()
-    hc = hierarchical_convergence(cache, mask=mask)
-    low = cache.low_view()
-    low_steps = step_sizes(low, mask=mask)
-    low_table = attention_stability(low.model, low, tokens, mask=mask).table(tol=stabilisation_tol)
-    L = cache.l_cycles
-    report.sections.append(("Hierarchical convergence: z_L and z_H", figure_html(hc.plot()) + block.note(
-        f"Relative step of z_L between consecutive L cycles in running order ({L} per H cycle; the first of each "
-        "H cycle is measured against the last z_L of the previous one, so a reset when H moves shows as a jump) "
-        "and of z_H between consecutive H cycles.")))
-    conv = low_steps.convergence_iteration(convergence_tol)
-    conv_text = ", ".join(f"layer {i}: {'never' if c < 0 else c}" for i, c in enumerate(conv.max(dim=1).values.tolist()))
-    report.sections.append(("L stack: convergence of each layer across L cycles", figure_html(low_steps.plot()) + block.note(
-        f"Iteration i is L cycle i mod {L} of H cycle i div {L}. Convergence iteration (relative step stays "
-        f"below {convergence_tol:g}): {conv_text}.")))
-    report.sections.append(("L stack: head stability", _table_html(low_table, "ll-low-head-table", sortable=True) + block.note(
-        "As the H stack's table, over the L stack's traversals in running order; kappa from the L stack's weights.")))
-    return {
-        "hierarchical": {"h_relative": hc.h_relative.nanmean(-1), "l_relative": hc.l_relative.nanmean(-1)},
-        "low_step_sizes": {"relative": low_steps.relative.mean(-1), "convergence_iteration": conv},
-        "low_head_stability": low_table.to_dict(orient="records"),
-        "l_cycles": L,
-    }
 
 
 def _token_text(model: Any, token_id: int) -> str:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib
 
 _MODEL_CLASSES: dict[str, tuple[str, str]] = {}
+RUN_OPTIONS: dict[str, str] = {}
+"""Families' integer run keywords (as `forward` takes them) -> help text; the CLI offers each as
+`--name` on the commands that run a model."""
 
 
 def register(family: str, module: str, name: str) -> None:
@@ -24,4 +27,10 @@ def model_class(family: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def register_run_option(name: str, help: str) -> None:
+    """A family's integer run keyword, offered on the command line as `--name` (underscores as dashes)."""
+    RUN_OPTIONS[name] = help
+
+
 register("hrm_text", "loop_lens.families.hrm", "HookedHrmTransformer")
+register_run_option("l_cycles", "nested (HRM) models: L cycles per H cycle (default: the model's own; --n-loops sets the H cycles)")

@@ -405,6 +405,51 @@ class HookedHrmTransformer(HookedLoopedTransformer):
             raise StopAtLayer(x)  # the full depth: the residual before the last H stack's closing norm
         return it.hook_state_post(self.stack_norm(x, it.ln_state)), z_l
 
+    # ------------------------------------------------------------------ the report
+    report_stack_label = "H stack: "
+
+    def _describe_layout(self, n_loops: int, options: dict[str, Any]) -> str:
+        K, L = self.cfg.n_block, options["l_cycles"]
+        return (f"Nested (HRM) loop: {n_loops} H cycles, each running the {K}-layer L stack {L} times "
+                f"(z_L = norm(L(z_L + z_H))), then the {K}-layer H stack once (z_H = norm(H(z_H + z_L))); "
+                f"{n_loops * (L + 1) * K} layers unrolled. The sections below read the H stack (one iteration per H "
+                "cycle) unless their title names the L stack (one iteration per L cycle, in running order).")
+
+    def _report_sections(self, report: Any, cache: Any, tokens: Tensor, mask: Optional[Tensor], stabilisation_tol: float,
+                         convergence_tol: float) -> dict[str, Any]:
+        """A nested (HRM) model's own sections: the hierarchical-convergence picture, and the L
+        stack's convergence and head stability over every L cycle in running order. Returns their
+        numbers."""
+        from loop_lens.analysis.attention import attention_stability
+        from loop_lens.analysis.fixed_points import step_sizes
+        from loop_lens.analysis.hierarchical import hierarchical_convergence
+        from loop_lens.report import _table_html
+        from loop_lens.viz import figure_html, parts
+
+        block = parts()
+        hc = hierarchical_convergence(cache, mask=mask)
+        low = cache.low_view()
+        low_steps = step_sizes(low, mask=mask)
+        low_table = attention_stability(low.model, low, tokens, mask=mask).table(tol=stabilisation_tol)
+        L = cache.l_cycles
+        report.sections.append(("Hierarchical convergence: z_L and z_H", figure_html(hc.plot()) + block.note(
+            f"Relative step of z_L between consecutive L cycles in running order ({L} per H cycle; the first of each "
+            "H cycle is measured against the last z_L of the previous one, so a reset when H moves shows as a jump) "
+            "and of z_H between consecutive H cycles.")))
+        conv = low_steps.convergence_iteration(convergence_tol)
+        conv_text = ", ".join(f"layer {i}: {'never' if c < 0 else c}" for i, c in enumerate(conv.max(dim=1).values.tolist()))
+        report.sections.append(("L stack: convergence of each layer across L cycles", figure_html(low_steps.plot()) + block.note(
+            f"Iteration i is L cycle i mod {L} of H cycle i div {L}. Convergence iteration (relative step stays "
+            f"below {convergence_tol:g}): {conv_text}.")))
+        report.sections.append(("L stack: head stability", _table_html(low_table, "ll-low-head-table", sortable=True) + block.note(
+            "As the H stack's table, over the L stack's traversals in running order; kappa from the L stack's weights.")))
+        return {
+            "hierarchical": {"h_relative": hc.h_relative.nanmean(-1), "l_relative": hc.l_relative.nanmean(-1)},
+            "low_step_sizes": {"relative": low_steps.relative.mean(-1), "convergence_iteration": conv},
+            "low_head_stability": low_table.to_dict(orient="records"),
+            "l_cycles": L,
+        }
+
     # ------------------------------------------------------------------ TransformerLens run methods
     def run_with_cache(self, *model_args: Any, l_cycles: Optional[int] = None, **kwargs: Any) -> tuple[Any, NestedLoopCache]:
         """`HookedLoopedTransformer.run_with_cache` (with `l_cycles=`), returning a NestedLoopCache."""

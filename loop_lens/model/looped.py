@@ -25,7 +25,7 @@ from loop_lens.cache import LoopCache, additivity_breaks
 from loop_lens.checks import check_n_loops, float_dtype, hook_iteration, hook_name_problem, real_tensor
 from loop_lens.checks import seed as check_seed
 from loop_lens.config import LoopConfig
-from loop_lens.errors import HookError, HookNameError
+from loop_lens.errors import HookError, HookNameError, RunOptionError
 from loop_lens.model.components import Block, Injection, Norm, Rotary
 from loop_lens.model.hooks import NO_HOOKS, BlockHooks, IterationHooks, NormHooks
 from loop_lens.model.names import parse_hook_name
@@ -503,6 +503,18 @@ class HookedLoopedTransformer(HookedRootModule):
         """The run options in force (inside `_options`); the plain loop has none."""
         return {}
 
+    # ------------------------------------------------------------------ what a family adds to the report
+    report_stack_label = ""  # which stack the report's sections read, for a family with more than one
+
+    def _describe_layout(self, n_loops: int, options: dict[str, Any]) -> Optional[str]:
+        """The report's layout paragraph, for a family the plain description does not fit."""
+        return None
+
+    def _report_sections(self, report: Any, cache: LoopCache, tokens: Tensor, mask: Optional[Tensor],
+                         stabilisation_tol: float, convergence_tol: float) -> dict[str, Any]:
+        """A family's own report sections (appended to `report.sections`); returns their numbers."""
+        return {}
+
     def _additivity_breaks(self, per_head: bool) -> list[str]:
         """Why the final residual is not embed + every layer's output (TransformerLens's
         decompositions refuse then, naming these)."""
@@ -607,8 +619,8 @@ class HookedLoopedTransformer(HookedRootModule):
         """The family's own run keywords, checked (a family with run options overrides this; the
         plain loop has none). Inside, the model runs with them; the dict goes into `Run.options`."""
         if given:
-            raise TypeError(f"unexpected keyword argument(s) {sorted(given)}: this model "
-                            f"({self.cfg.family}) takes no such run option")
+            raise RunOptionError(f"unexpected keyword argument(s) {sorted(given)}: this model "
+                                 f"({self.cfg.family}) takes no such run option")
         yield {}
 
     def _network(self, run: Run) -> Float[Tensor, "batch pos d_vocab"]:
