@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
 
 import loop_lens as ll
 from loop_lens.analysis import TunedLens, logit_lens
-from loop_lens.files import write_text_atomic
 from loop_lens.zoo import task
 
 HERE = Path(__file__).resolve().parent
@@ -112,13 +112,7 @@ def main() -> None:
         "metric": "mean KL(final || lens) in nats over held-out prompts, per (iteration, layer); 'answers' = positions before an answer",
         "models": {name: run_model(name, args.train, args.heldout, args.steps) for name in args.models},
     }
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if not isinstance(results, dict):
-        raise SystemExit(f"{args.out} does not hold a JSON object; not overwriting it")
-    old = results.get("tuned_lens", {}).get("models", {}) if isinstance(results.get("tuned_lens"), dict) else {}
-    entry["models"] = {**old, **entry["models"]}  # a run on one model keeps the other's figures
-    results["tuned_lens"] = entry
-    write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+    merge_results(args.out, {"tuned_lens": entry})  # key by key: a run on one model keeps the other's figures
     print(json.dumps({k: {"mean_all": v["mean_all"], "mean_answers": v["mean_answers"]} for k, v in entry["models"].items()}, indent=2))
 
 

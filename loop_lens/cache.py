@@ -114,7 +114,7 @@ class LoopCache(ActivationCache):
 
     @property
     def options(self) -> dict[str, Any]:
-        """The family's run options the cached run used (HRM-Text: `l_cycles`)."""
+        """The family's run options the cached run used (as `forward` took them)."""
         return self.schedule.options
 
     def _hook_names(self) -> list[str]:

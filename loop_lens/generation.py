@@ -488,7 +488,7 @@ def generate(
         prepend_bos: for text input, as `to_tokens`.
         fwd_hooks: (name or filter, hook) pairs active during generation; hooks fire at every
             step with the iteration in their names.
-        options: the family's own run keywords, as `forward` takes them (HRM-Text: `l_cycles=`).
+        options: the family's own run keywords, as `forward` takes them.
     """
     T = check_n_loops(n_loops, model.cfg.default_loops)
     max_new = integer(max_new_tokens, "max_new_tokens")

@@ -159,9 +159,8 @@ def build_report(
     generated tokens after prompt 0 with the iterations each used (`adaptive=` / `threshold=`
     pick an exit criterion, as `model.generate`).
 
-    `options` are the family's run keywords (as `forward` takes them: HRM-Text's `l_cycles=`); a
-    family may add sections of its own (`model._report_sections`: HRM-Text's hierarchical
-    convergence and its L stack's convergence and head stability)."""
+    `options` are the family's run keywords (as `forward` takes them); a family may add a layout
+    paragraph and sections of its own (`model._describe_layout`, `model._report_sections`)."""
     cfg = model.cfg
     T = check_n_loops(n_loops, model.cfg.default_loops)
     run_kwargs = {k: v for k, v in options.items() if v is not None}

@@ -45,7 +45,12 @@ from loop_lens.model.schedule import Schedule, Step
 def LowCycleHooks(cfg: LoopConfig) -> Hooks:  # noqa: N802 (a container kind)
     """One low-level cycle inside an H cycle: `iter.{h}.low.{l}.*` (the L stack's input z_L + z_H,
     its layers, its closing parameterless norm, the new z_L)."""
-    out = Hooks(["hook_state_pre"])
+    return _stack_hooks(cfg, Hooks(["hook_state_pre"]))
+
+
+def _stack_hooks(cfg: LoopConfig, out: Hooks) -> Hooks:
+    """A stack's layers (`blocks.{k}.*`), its closing norm (`ln_state.*`) and the new state
+    (`hook_state_post`), after what `out` holds."""
     out.place("blocks", nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block)))
     for path in ("ln_state.hook_scale", "ln_state.hook_normalized", "hook_state_post"):
         out.place(path)
@@ -59,10 +64,7 @@ def NestedIterationHooks(cfg: LoopConfig, l_cycles: Optional[int] = None) -> Hoo
     out = Hooks(["hook_state_pre"])
     out.place("low", nn.ModuleList(LowCycleHooks(cfg) for _ in range(cfg.l_cycles if l_cycles is None else l_cycles)))
     out.place("hook_injected")
-    out.place("blocks", nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_block)))
-    for path in ("ln_state.hook_scale", "ln_state.hook_normalized", "hook_state_post"):
-        out.place(path)
-    return out
+    return _stack_hooks(cfg, out)
 
 
 def low_hook_name(kind: str, layer: Optional[int], iteration: Optional[int], phase: Optional[str], low_cycle: int) -> str:

@@ -28,7 +28,7 @@ class Norm(nn.Module):
     def __init__(self, d: int, kind: str = "RMS", eps: float = 1e-6, weight: bool = True):
         super().__init__()
         self.kind, self.eps = kind, eps
-        self.weight = nn.Parameter(torch.ones(d)) if weight else None  # None: parameterless (HRM-Text)
+        self.weight = nn.Parameter(torch.ones(d)) if weight else None  # None: parameterless
         self.bias = nn.Parameter(torch.zeros(d)) if kind == "LN" else None
 
     def forward(self, x: Float[Tensor, "... d"], hooks=NO_HOOKS) -> Float[Tensor, "... d"]:
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, K * hd, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(D, K * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_bias)
-        # HRM-Text: a sigmoid gate per head and channel on the attention output, from the layer's input
+        # cfg.attn_gate: a sigmoid gate per head and channel on the attention output, from the layer's input
         self.gate_proj = nn.Linear(D, H * hd, bias=cfg.attn_bias) if cfg.attn_gate else None
         self.q_bias = nn.Parameter(torch.zeros(H, hd)) if cfg.qk_bias else None
         self.k_bias = nn.Parameter(torch.zeros(K, hd)) if cfg.qk_bias else None
@@ -205,7 +205,7 @@ def causal_bias(S: int, device: torch.device, dtype: torch.dtype, mask: Optional
     `mask` is [batch, past + pos] with 1 for real tokens; `past` cached keys come before the `S`
     queries' own. A query row that would be fully masked (a pad query with left padding) keeps
     attention to itself so softmax stays finite. A 3-d boolean `mask` [batch, pos, past + pos] is
-    taken as the full pattern of allowed (query, key) pairs instead (a PrefixLM mask, HRM-Text).
+    taken as the full pattern of allowed (query, key) pairs instead (a PrefixLM mask).
     """
     if mask is not None and mask.ndim == 3:
         neg = torch.finfo(dtype).min

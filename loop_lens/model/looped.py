@@ -478,7 +478,7 @@ class HookedLoopedTransformer(HookedRootModule):
     def schedule(self, n_loops: Optional[int] = None, **options: Any) -> Schedule:
         """The layers a run of `n_loops` passes traverses, in order (`model/schedule.py`): the
         unrolled depth, `stop_at_layer`, the cache's `depth_index` / `loop_index` / `unrolled()`
-        read it. `options` are the family's run keywords (HRM-Text: `l_cycles=`)."""
+        read it. `options` are the family's run keywords (see `_options`)."""
         T = check_n_loops(n_loops, self.cfg.default_loops)
         with self._options(**options):
             return self._schedule(T)

@@ -41,7 +41,7 @@ _COORDINATES: dict[str, Callable[..., str]] = {}
 
 
 def register_coordinate(name: str, build: Callable[..., str]) -> None:
-    """Let `hook_name` take a family's own coordinate `name=` (HRM-Text: `low_cycle`): `build(kind,
+    """Let `hook_name` take a family's own coordinate `name=` (a cycle inside a pass): `build(kind,
     layer, iteration, phase, value)` returns the name."""
     _COORDINATES[name] = build
 
@@ -55,9 +55,8 @@ def hook_name(
 ) -> str:
     """The hook name of `kind` at a layer / iteration, e.g.
     `hook_name("pattern", layer=1, iteration=3) == "iter.3.blocks.1.attn.hook_pattern"`. A family
-    may add coordinates of its own (HRM-Text: `low_cycle=l`, the L cycle inside H cycle
-    `iteration`: `hook_name("resid_post", layer=0, iteration=1, low_cycle=2) ==
-    "iter.1.low.2.blocks.0.hook_resid_post"`)."""
+    may add coordinates of its own (`register_coordinate`: a cycle inside the pass `iteration`,
+    documented with the family)."""
     given = {k: v for k, v in coordinates.items() if v is not None}
     if given:
         unknown = sorted(set(given) - set(_COORDINATES))

@@ -8,7 +8,7 @@ from (`kv`), which positions still iterate (`running`), and what happens after a
 
 A *site* names one traversal of one layer and keys its KV cache: `("prelude", l)`,
 `("iter", t, *tail)` inside pass t (`tail` is `(l,)` for block layer l; a family with more
-stacks adds its own, e.g. HRM's `("low", cycle, l)`), `("coda", t_or_None, l)`.
+stacks adds its own, e.g. `("low", cycle, l)`), `("coda", t_or_None, l)`.
 """
 
 from __future__ import annotations

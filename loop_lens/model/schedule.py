@@ -1,8 +1,8 @@
 """A run's schedule: the layers it traverses, in the order they run.
 
 Every family's run is prelude layers, then `n_loops` passes that each traverse the same list of
-layers (`Step`s: one stack for a plain loop; HRM's L stack `l_cycles` times and then its H
-stack), then coda layers. The unrolled depth, the names on it (`blocks.{d}.*`),
+layers (`Step`s: one stack for a plain loop; a family whose pass runs several stacks, or one
+stack several times, lists them in order), then coda layers. The unrolled depth, the names on it (`blocks.{d}.*`),
 `stop_at_layer`, `cache.depth_index` / `loop_index`, `cache.unrolled()` and the TransformerLens
 view all read the schedule, so nothing outside a family's module knows how it nests.
 
