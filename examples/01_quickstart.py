@@ -46,7 +46,7 @@ n_prompts, pos = batch.tokens.shape
 assert pattern.shape == (n_prompts, model.cfg.n_heads, pos, pos)
 assert resid.shape == (n_loops, model.cfg.n_block, n_prompts, pos, model.cfg.d_model)
 assert torch.equal(resid[3, 1], cache["iter.3.blocks.1.hook_resid_post"])
-assert torch.allclose(logits, model(batch.tokens, n_loops=n_loops, seed=0), atol=1e-5)
+assert ll.testing.close(logits, model(batch.tokens, n_loops=n_loops, seed=0))
 
 # %% [markdown]
 # `ll.hook_name` builds hook names and `ll.parse_hook_name` reads them back.

@@ -54,5 +54,5 @@ ll.viz.logit_lens_grid(lens, position=pos)
 # %%
 gates = c_loop.stack("hook_exit_logit")  # [n_loops, batch, pos]
 exit_p = looped.exit_distribution(gates)
-assert torch.allclose(exit_p.sum(0), torch.ones_like(exit_p[0]), atol=1e-5)
+assert ll.testing.close(exit_p.sum(0), torch.ones_like(exit_p[0]))
 exit_p[:, :, ANSWER_FROM].mean((1, 2))

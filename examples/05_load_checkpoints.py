@@ -72,7 +72,7 @@ tokens = torch.randint(0, V, (1, 10), generator=g)
 _, cache = model.run_with_cache(tokens, n_loops=T, seed=7)
 s0 = cache["iter.0.hook_state_pre"]
 out = model(tokens, n_loops=T, seed=7)
-assert torch.allclose(model(tokens, n_loops=T, initial_state=s0), out)
+assert ll.testing.close(model(tokens, n_loops=T, initial_state=s0), out)
 
 # %% [markdown]
 # Logit lens and coda lens per iteration (Lu et al. 2025). The coda lens runs the rest of the
@@ -82,7 +82,7 @@ assert torch.allclose(model(tokens, n_loops=T, initial_state=s0), out)
 logit_lens, coda = logit_lens_of_states(model, cache), coda_lens(model, cache)
 print(logit_lens.logits.shape, coda.logits.shape)  # [n_loops, batch, pos, d_vocab]
 assert logit_lens.logits.shape == coda.logits.shape == (T, *out.shape)
-assert torch.allclose(coda.logits[-1], out, atol=1e-5)
+assert ll.testing.close(coda.logits[-1], out)
 coda.plot()
 
 # %% [markdown]

@@ -1,6 +1,6 @@
 """loop_lens: TransformerLens-style interpretability for looped language models."""
 
-from loop_lens import analysis, patching, viz, zoo
+from loop_lens import analysis, interop, patching, testing, viz, zoo
 from loop_lens.adapters import KNOWN_FAMILIES, from_bridge, from_hf, load, loop
 from loop_lens.cache import LoopCache
 from loop_lens.config import LoopConfig
@@ -28,6 +28,8 @@ __all__ = [
     "UnexpectedTensorsWarning",
     "NonFiniteWeightsWarning",
     "analysis",
+    "interop",
+    "testing",
     "patching",
     "viz",
     "zoo",

@@ -29,7 +29,16 @@ from loop_lens.model.schedule import Schedule
 
 def _on_unrolled(name: str) -> Callable[..., Any]:
     """A LoopCache method that runs TransformerLens's `name` on the unrolled cache."""
-    tl_method = getattr(ActivationCache, name)
+    tl_method = getattr(ActivationCache, name, None)
+    if tl_method is None:  # [tl-compat] a helper this TransformerLens release does not have (3.9: logit_lens)
+        def missing(self: LoopCache, *args: Any, **kwargs: Any) -> Any:
+            from importlib.metadata import version
+
+            raise AttributeError(f"ActivationCache.{name} is not in transformer-lens {version('transformer-lens')}; "
+                                 "upgrade to transformer-lens 4.x, or use loop_lens.analysis.Lens for lenses")
+
+        missing.__name__ = name
+        return missing
 
     @functools.wraps(tl_method)
     def method(self: LoopCache, *args: Any, **kwargs: Any) -> Any:

@@ -406,6 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from loop_lens.errors import ConfigError, HookError, LoadError, SaveError
 
     try:
+        from loop_lens.threads import configure
+
+        configure()  # a sane torch thread count (docs/performance.md)
         return args.func(args)
     except (LoadError, ConfigError, SaveError, HookError, OSError, ValueError) as err:
         print(f"loop-lens: error: {terminal_text(err)}", file=sys.stderr)

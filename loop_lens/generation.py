@@ -511,9 +511,11 @@ def generate(
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     threshold = _check_threshold(model, adaptive, threshold)
     eos = eos_token(model, eos_token_id)
-    if stop_at_eos and eos is None:
+    if stop_at_eos and eos is None and not getattr(model, "_warned_no_eos", False):
+        model._warned_no_eos = True  # [tl-compat] once per model, not on every call
         warnings.warn("stop_at_eos=True, but no end-of-sequence id is known (no eos_token_id= and none in the "
-                      "tokenizer): every row runs to max_new_tokens", stacklevel=4)
+                      "tokenizer): every row runs to max_new_tokens (warned once per model)", stacklevel=4)
+    if stop_at_eos and eos is None:
         stop_at_eos = False
 
     is_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))

@@ -15,6 +15,9 @@ import torch
 from loop_lens import HookedLoopedTransformer, LoopConfig
 from loop_lens.model.init import init_weights
 
+# Tiny models on a busy machine: one torch thread each (LOOP_LENS_TEST_THREADS to change; docs/performance.md)
+torch.set_num_threads(int(os.environ.get("LOOP_LENS_TEST_THREADS", "1")))
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT.parent / "shared" / "golden"
 

@@ -71,7 +71,8 @@ def browser():
     missing = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", DRIVER)) if not path]
     if missing:
         unavailable(f"{' and '.join(missing)} (on PATH; the browser tests need Debian's chromium and chromium-driver)",
-                    install="bash .ci/run installs them")
+                    install="to run them: apt-get install chromium chromium-driver (as bash .ci/run does), then "
+                            "python -m pytest tests/test_report_browser.py")
     require("selenium")
     driver = make_browser()
     yield driver

@@ -22,10 +22,11 @@ from transformer_lens.hook_points import HookPoint
 
 from loop_lens import generation
 from loop_lens.cache import LoopCache, additivity_breaks
-from loop_lens.checks import check_n_loops, float_dtype, hook_iteration, hook_name_problem, real_tensor
+from loop_lens.checks import check_n_loops, float_dtype, hook_iteration, hook_name_problem, integer, real_tensor
 from loop_lens.checks import seed as check_seed
 from loop_lens.config import LoopConfig
 from loop_lens.errors import HookError, HookNameError, RunOptionError
+from loop_lens.model import tl_compat
 from loop_lens.model.components import Block, Injection, Norm, Rotary
 from loop_lens.model.hooks import NO_HOOKS, BlockHooks, IterationHooks, NormHooks
 from loop_lens.model.names import parse_hook_name
@@ -206,7 +207,7 @@ class HookedLoopedTransformer(HookedRootModule):
     def _release(self) -> None:
         """Drop the hook points of iterations where nothing is attached any more (keeping a few
         containers to reuse, so repeated hooked runs do not rebuild them)."""
-        self._drop([k for k, it in self.iter.items() if not _has_hooks(it)])
+        self._drop([k for k, it in self.iter.items() if not _has_hooks(it) and k not in self._pinned_iterations])
 
     def _drop(self, keys: Sequence[str]) -> None:
         """Drop these iterations' containers (keeping a few to reuse)."""
@@ -531,7 +532,10 @@ class HookedLoopedTransformer(HookedRootModule):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         real_tensor(initial_state, "initial_state")
-        if initial_state is not None and (not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != shape):
+        if isinstance(initial_state, str):  # "zeros" / "embed", as the CLI's --initial-state
+            if initial_state not in ("zeros", "embed"):
+                raise ValueError(f"initial_state must be a tensor {shape}, 'zeros' or 'embed', got {initial_state!r}")
+        elif initial_state is not None and (not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != shape):
             got = tuple(initial_state.shape) if isinstance(initial_state, Tensor) else type(initial_state).__name__
             raise ValueError(f"initial_state has shape {got}, expected {shape} [batch, pos, state width]")
 
@@ -584,14 +588,17 @@ class HookedLoopedTransformer(HookedRootModule):
         exit: Union[None, str, int] = None,
         stop_at_layer: Optional[int] = None,
         loss_per_token: bool = False,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
     ) -> Any:
         """Run the model: embed, prelude, the loop, coda, unembed.
 
         Args:
             input: token ids [batch, pos] (or [pos]), or text when a tokenizer is attached.
             n_loops: iterations of the recurrent block (default `cfg.default_loops`); any integer >= 1.
-            initial_state: the state entering iteration 0, [batch, pos, d_model]; overrides
-                `cfg.initial_state`. The state used is always visible at `iter.0.hook_state_pre`.
+            initial_state: the state entering iteration 0, [batch, pos, d_model], or "zeros" /
+                "embed" (as the CLI's --initial-state); overrides `cfg.initial_state`. The state
+                used is always visible at `iter.0.hook_state_pre`.
             generator / seed: randomness for a truncated-normal start state. With `seed=`, each
                 prompt draws its own start state over its real tokens, so a prompt gets the same
                 numbers alone, in any batch and with any padding.
@@ -605,7 +612,9 @@ class HookedLoopedTransformer(HookedRootModule):
                 the full depth returns the residual before the final norm (TransformerLens's
                 convention).
             loss_per_token: with a loss, return it per token [batch, pos - 1].
+            prepend_bos / padding_side: TransformerLens's, for text input (padding is on the right).
         """
+        input, attention_mask = self._tl_text_input(input, attention_mask, prepend_bos, padding_side)  # [tl-compat]
         run = self._prepare(input, n_loops, attention_mask, return_type, exit, stop_at_layer, seed, generator, initial_state)
         try:
             logits = self._network(run)
@@ -870,6 +879,7 @@ class HookedLoopedTransformer(HookedRootModule):
         if not wanted:
             warnings.warn(f"names_filter {names_filter!r} matches no hook point of this run: the cache is empty", stacklevel=2)
         out, cache_dict = super().run_with_cache(*model_args, names_filter=wanted.__contains__, **kwargs)
+        self._check_listed_reached(names_filter, cache_dict, kwargs.get("stop_at_layer"))  # [tl-compat]
         if cache_dtype is not None:
             cache_dict = {k: v.to(cache_dtype) if v.is_floating_point() else v for k, v in cache_dict.items()}
         has_batch = not kwargs.get("remove_batch_dim", False)
@@ -925,3 +935,111 @@ class HookedLoopedTransformer(HookedRootModule):
             "n_params": sum(p.numel() for p in self.parameters()),
             "config": json.loads(self.cfg.to_json()),
         }
+
+    # ------------------------------------------------------------------ [tl-compat] TransformerLens / nnsight interop
+    # Everything below is self-contained (issue 24); the edits elsewhere in this file carry "[tl-compat]".
+    _pinned_iterations: frozenset[str] = frozenset()  # iterations kept materialised for nnsight (pin_loops)
+
+    def unrolled(self, n_loops: Optional[int] = None, **run_kwargs: Any) -> Any:
+        """This model run `n_loops` times, as a TransformerLens `HookedRootModule` of depth
+        `cfg.n_layers` = the unrolled depth, sharing these weights: hook names `hook_embed`,
+        `blocks.{k}.*`, `ln_final.*`, TransformerLens's cfg, forward keywords, tokenizer helpers
+        and weights stacked over depth, `loop_index(k)` back to (phase, iteration, layer).
+        `run_kwargs` (seed=, exit=, initial_state=, l_cycles=...) go to every forward.
+        See `loop_lens.model.unrolled.UnrolledModel` and docs/interop.md."""
+        from loop_lens.model.unrolled import UnrolledModel
+
+        return UnrolledModel(self, n_loops, **run_kwargs)
+
+    def pin_loops(self, n_loops: Optional[int] = None) -> HookedLoopedTransformer:
+        """Create the hook points of iterations 0..n_loops-1 and keep them (they are otherwise
+        created when a hook reaches them and dropped when idle), so that tools which walk the
+        module tree once, such as nnsight's `NNsight(model)`, find every iteration. Returns the
+        model. `pin_loops(0)` unpins."""
+        T = integer(n_loops if n_loops is not None else self.cfg.default_loops, "n_loops")
+        if T < 0:
+            raise ValueError(f"n_loops must be >= 0, got {T}")
+        self._materialise(range(T))
+        self._pinned_iterations = frozenset(str(t) for t in range(T))
+        self._release()
+        return self
+
+    def _tl_text_input(self, input: Any, attention_mask: Any, prepend_bos: Optional[bool], padding_side: Optional[str]):
+        """TransformerLens's `prepend_bos` / `padding_side` for text input (tokens pass unchanged)."""
+        from loop_lens.model.tl_compat import check_padding_side
+
+        check_padding_side(padding_side)
+        if prepend_bos is not None and not isinstance(prepend_bos, bool):
+            raise ValueError(f"prepend_bos must be None, True or False, got {prepend_bos!r}")
+        text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
+        if prepend_bos is None or not text:
+            return input, attention_mask
+        tokens, mask = self.tokenize(input, prepend_bos=prepend_bos)
+        return tokens, attention_mask if attention_mask is not None else mask
+
+    def _check_listed_reached(self, names_filter: Any, cache_dict: dict, stop_at_layer: Any) -> None:
+        """A hook name listed in names_filter that a stop_at_layer run never reached raises (as a
+        hook added on an iteration the run does not reach does)."""
+        if stop_at_layer is None or callable(names_filter) or names_filter is None:
+            return
+        listed = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        missing = [n for n in listed if n not in cache_dict]
+        if missing:
+            raise HookNameError(f"names_filter lists {missing[:5]}, but the run stops at stop_at_layer={stop_at_layer} "
+                                "before reaching them: they would not be cached. Cache them in a run with a larger "
+                                "stop_at_layer (or none)")
+
+    def setup(self) -> None:
+        """TransformerLens's setup; `hook_dict` then names, on a missing iteration hook, the call
+        that creates it (iteration hook points exist only while hooked, cached or pinned)."""
+        super().setup()
+        self.hook_dict = _HookDict(self.hook_dict)
+
+    def add_caching_hooks(self, names_filter: NamesFilter = None, incl_bwd: bool = False, device: Any = None,
+                          remove_batch_dim: bool = False, cache: Optional[dict] = None) -> dict:
+        """TransformerLens's `add_caching_hooks` (and so `cache_all` / `cache_some`): the hooks
+        reach every iteration of every later run, whatever its n_loops (a filter hook)."""
+        from loop_lens.model.tl_compat import caching_hook, names_filter_fn
+
+        cache = {} if cache is None else cache
+        keep = names_filter_fn(names_filter)
+        self.is_caching = True
+        self.add_hook(keep, caching_hook(cache, device, remove_batch_dim, False), "fwd")
+        if incl_bwd:
+            self.add_hook(keep, caching_hook(cache, device, remove_batch_dim, True), "bwd")
+        return cache
+
+    def get_caching_hooks(self, names_filter: NamesFilter = None, incl_bwd: bool = False, device: Any = None,
+                          remove_batch_dim: bool = False, cache: Optional[dict] = None, pos_slice: Any = None,
+                          n_loops: Optional[int] = None) -> tuple[dict, list, list]:
+        """TransformerLens's `get_caching_hooks`, over every hook point of a run of `n_loops`
+        iterations (default `cfg.default_loops`) and every one that exists now: (cache,
+        fwd_hooks, bwd_hooks) for `model.hooks(...)` / `run_with_hooks`."""
+        from loop_lens.model.tl_compat import caching_hook, names_filter_fn
+
+        cache = {} if cache is None else cache
+        keep = names_filter_fn(names_filter)
+        names = [n for n in self.hook_dict if n not in self._silent_hooks]
+        names += [n for n in self.hook_names(n_loops) if n not in self.hook_dict]
+        self.is_caching = True
+        fwd = caching_hook(cache, device, remove_batch_dim, False, pos_slice)
+        bwd = caching_hook(cache, device, remove_batch_dim, True, pos_slice)
+        chosen = [n for n in names if keep(n)]
+        return cache, [(n, fwd) for n in chosen], [(n, bwd) for n in chosen] if incl_bwd else []
+
+    to_string = tl_compat.to_string
+    to_single_token = tl_compat.to_single_token
+    get_token_position = tl_compat.get_token_position
+
+
+class _HookDict(dict):
+    """`hook_dict`: the hook points that exist now. A missing `iter.*` name raises a KeyError
+    naming the calls that create or list iteration hook points."""
+
+    def __missing__(self, key: Any) -> Any:
+        if isinstance(key, str) and key.startswith("iter."):
+            raise KeyError(f"{key!r}: iteration hook points exist only while something is hooked, cached or pinned "
+                           "there. model.hook_names(n_loops) lists every name of a run; model.pin_loops(n_loops) "
+                           "creates and keeps them; run_with_cache / run_with_hooks / add_hook create them as needed")
+        raise KeyError(key)
+

@@ -40,7 +40,7 @@ def make_tokenizer():
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
     )
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", TOKEN_ID["<bos>"])])
-    tok.decoder = decoders.Fuse()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # tokens joined by one space, as prompts are written
     tok.add_special_tokens(["<pad>", "<bos>"])
     return tok
 
