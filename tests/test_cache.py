@@ -112,7 +112,7 @@ SAME: dict[str, Call] = {
         c.apply_ln_to_stack(c.accumulated_resid(), recompute_ln=True),
     ],
     "logit_attrs": lambda c, r: [
-        c.logit_attrs(c.accumulated_resid(), r.tokens[:, -1]),
+        c.logit_attrs(c.accumulated_resid(), r.tokens),
         c.logit_attrs(c.accumulated_resid(pos_slice=-1), r.tokens[:, 0], incorrect_tokens=r.tokens[:, 1], pos_slice=-1),
     ],
     "logit_lens": lambda c, r: c.logit_lens(positions=-1),
@@ -196,7 +196,8 @@ def test_every_public_activation_cache_method_has_an_expectation():
     assert not set(PUBLIC) - covered, (
         f"new ActivationCache methods: decide how LoopCache handles {sorted(set(PUBLIC) - covered)}"
     )
-    assert covered <= set(PUBLIC)
+    # what we expect of methods this TransformerLens version lacks (logit_lens is 4.x only) is moot
+    assert covered - set(PUBLIC) <= {"logit_lens"}
 
 
 @pytest.mark.parametrize("name", PUBLIC)
@@ -283,8 +284,9 @@ def test_accumulated_resid_is_the_final_norm_of_each_cached_residual(run):
     assert labels == [f"{k}_pre" for k in range(run.depth)] + ["final_post"]
     torch.testing.assert_close(stack, run.model.ln_final(raw))
     torch.testing.assert_close(stack[-1] @ run.model.W_U, run.logits, atol=1e-5, rtol=1e-5)
-    lens = run.cache.logit_lens(positions=-1)
-    torch.testing.assert_close(lens.values[-1], run.logits[:, -1], atol=1e-5, rtol=1e-5)
+    if hasattr(ActivationCache, "logit_lens"):  # TransformerLens 4.x only
+        lens = run.cache.logit_lens(positions=-1)
+        torch.testing.assert_close(lens.values[-1], run.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_ouro_last_iteration_norm_is_the_final_norm():
@@ -314,7 +316,7 @@ def test_decompositions_sum_to_the_residual_stream(style):
     assert full_labels[0] == "L0H0" and full_labels[-1] == "bias"
     torch.testing.assert_close(full.sum(0), final, atol=1e-4, rtol=1e-4)
     # direct logit attribution sums to the logit (plus the final LayerNorm's bias, which TL folds into b_U)
-    attrs = cache.logit_attrs(parts, tokens=run.tokens[:, -1])
+    attrs = cache.logit_attrs(parts, tokens=run.tokens[:, -1:].expand_as(run.tokens))  # [batch, pos], as TL 3.9 and 4 take it
     bias = 0 if model.ln_final.bias is None else model.ln_final.bias @ model.W_U[:, run.tokens[:, -1]]
     torch.testing.assert_close(
         attrs.sum(0)[:, -1] + bias, run.logits[torch.arange(2), -1, run.tokens[:, -1]], atol=1e-4, rtol=1e-4

@@ -198,7 +198,7 @@ def test_unrolled_cache_works_with_transformer_lens_helpers(tokens):
     scaled = un.apply_ln_to_stack(parts, layer=depth)
     torch.testing.assert_close(scaled.sum(0), cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-5)
     # direct logit attribution over the unrolled depth sums to the logit of the token
-    attrs = un.logit_attrs(un.decompose_resid(), tokens=tokens[:, -1])
+    attrs = un.logit_attrs(un.decompose_resid(), tokens=tokens[:, -1:].expand_as(tokens))  # [batch, pos], as TL 3.9 and 4 take it
     torch.testing.assert_close(attrs.sum(0)[:, -1], logits[torch.arange(2), -1, tokens[:, -1]], atol=1e-4, rtol=1e-4)
     assert cache.depth_index(1, 1) == 4 and cache.loop_index(4) == ("loop", 1, 1)
     assert cache.loop_index(0) == ("prelude", None, 0) and cache.loop_index(depth - 1) == ("coda", None, 0)

@@ -192,6 +192,7 @@ class HookedHrmTransformer(HookedLoopedTransformer):
     single_loop_refusal = ("nested (HRM) models yet: run the model with run_with_cache / run_with_hooks and analyse "
                            "the cache (cache.low_view() for the L stack)")
     _cache_cls = NestedLoopCache
+    run_options = ("l_cycles",)
 
     def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
         if cfg.l_cycles < 1:
@@ -259,12 +260,6 @@ class HookedHrmTransformer(HookedLoopedTransformer):
         """The hook names of one H cycle of the current run (its L cycles included)."""
         cycles = [f"low.{cycle}.{s}" for cycle in range(self._l_run) for s in self._low_suffixes]
         return [f"iter.{iteration}.{s}" for s in ["hook_state_pre", *cycles, *self._high_suffixes]]
-
-    def hook_names(self, n_loops: Optional[int] = None, l_cycles: Optional[int] = None) -> list[str]:
-        """Every hook name a run with `n_loops` H cycles of `l_cycles` L cycles (default: the
-        checkpoint's) fires, in order."""
-        with self._l_cycles(l_cycles):
-            return super().hook_names(n_loops)
 
     def _iterations_named(self, names: Sequence[Any]) -> list[int]:
         """The H cycles these names refer to (any run length, any L cycle); remembers the L

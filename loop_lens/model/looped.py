@@ -113,6 +113,7 @@ class HookedLoopedTransformer(HookedRootModule):
     """
 
     iteration_hooks_cls = staticmethod(IterationHooks)  # makes the hook container of one iteration
+    run_options: tuple[str, ...] = ()  # the family's own run keywords (what `_options` takes)
     single_loop_refusal: Optional[str] = None  # a family whose passes are not one stack: which tools refuse it, and why
     _cache_cls: type[LoopCache] = LoopCache  # what run_with_cache returns
 
@@ -176,13 +177,15 @@ class HookedLoopedTransformer(HookedRootModule):
         """The hook names of one iteration, whether or not its hook points exist yet."""
         return [f"iter.{iteration}.{s}" for s in self._iter_suffixes]
 
-    def hook_names(self, n_loops: Optional[int] = None) -> list[str]:
-        """Every hook name a run with `n_loops` iterations fires, in the order they fire."""
+    def hook_names(self, n_loops: Optional[int] = None, **options: Any) -> list[str]:
+        """Every hook name a run with `n_loops` iterations (and the family's run `options`) fires,
+        in the order they fire."""
         T = check_n_loops(n_loops, self.cfg.default_loops)
-        fixed = [n for n in self.hook_dict if not n.startswith("iter.") and n not in self._silent_hooks]
-        before = [n for n in fixed if n.startswith(("hook_embed", "hook_pos_embed", "prelude."))]
-        after = [n for n in fixed if n not in before]
-        return before + [n for t in range(T) for n in self.loop_hook_names(t)] + after
+        with self._options(**options):  # without options: the checkpoint's own, whatever an outer call runs
+            fixed = [n for n in self.hook_dict if not n.startswith("iter.") and n not in self._silent_hooks]
+            before = [n for n in fixed if n.startswith(("hook_embed", "hook_pos_embed", "prelude."))]
+            after = [n for n in fixed if n not in before]
+            return before + [n for t in range(T) for n in self.loop_hook_names(t)] + after
 
     def ensure_loops(self, n_loops: int) -> None:
         """Create the hook points of iterations 0..n_loops-1 now (they are otherwise created when

@@ -37,7 +37,8 @@ from transformer_lens.hook_points import HookPoint
 from loop_lens.cache import LoopCache, UnrolledCache, UnrolledView, _bias
 from loop_lens.checks import check_n_loops
 from loop_lens.errors import HookNameError
-from loop_lens.model.hooks import NO_HOOKS, AttnHooks, BlockHooks, MLPHooks, NormHooks
+from loop_lens.model import sites
+from loop_lens.model.hooks import NO_HOOKS, Hooks
 from loop_lens.model.tl_compat import get_token_position, to_single_token, to_string
 
 if TYPE_CHECKING:
@@ -57,12 +58,17 @@ class _Weights:
         self.module = module
 
 
-class _ViewNorm(NormHooks):
+def _paths(cfg: Any, part: str) -> list[str]:
+    """The layer sites under one part of a layer (`attn`, `mlp`), as paths inside it."""
+    return [s.path.removeprefix(part + ".") for s in sites.sites("layer", cfg) if s.path.startswith(part + ".")]
+
+
+class _ViewNorm(Hooks):
     """A norm site's hook points, and its weights under TransformerLens's names (`w`, `b`).
     Calling it applies the norm with no hooks (identity where the model has none)."""
 
     def __init__(self, norm: Optional[Norm]):
-        super().__init__()
+        super().__init__(["hook_scale", "hook_normalized"])
         self._norm = _Weights(norm)
 
     @property
@@ -87,13 +93,13 @@ class _ViewNorm(NormHooks):
         return x if self.norm is None else self.norm(x, NO_HOOKS)
 
 
-class _ViewAttn(AttnHooks):
+class _ViewAttn(Hooks):
     """One depth's attention hook points and the shared attention weights under TransformerLens's
     names. `W_K` / `W_V` repeat each key/value head over its query heads (TransformerLens's
     grouped-query convention); `_W_K` / `_W_V` are the stored [n_key_value_heads, ...] weights."""
 
     def __init__(self, cfg: Any, attn: Attention):
-        super().__init__(cfg)
+        super().__init__(_paths(cfg, "attn"))
         self._attn = _Weights(attn)
 
     @property
@@ -159,12 +165,12 @@ class _ViewAttn(AttnHooks):
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
 
-class _ViewMLP(MLPHooks):
+class _ViewMLP(Hooks):
     """One depth's MLP hook points and the shared MLP weights under TransformerLens's names
     (`W_gate` for a gated MLP, whose gate feeds `hook_pre` and whose `W_in` feeds `hook_pre_linear`)."""
 
     def __init__(self, cfg: Any, mlp: nn.Module):
-        super().__init__(cfg)
+        super().__init__(_paths(cfg, "mlp"))
         self._mlp = _Weights(mlp)
 
     @property
@@ -196,12 +202,12 @@ class _ViewMLP(MLPHooks):
         return _bias(self._m.down_proj)
 
 
-class _ViewBlock(BlockHooks):
+class _ViewBlock(Hooks):
     """The hook points of one unrolled depth (`blocks.{k}.*`) over the shared weights of the
     layer run there."""
 
     def __init__(self, cfg: Any, block: Block):
-        super().__init__(cfg)
+        super().__init__(s.path for s in sites.sites("layer", cfg))
         self.attn = _ViewAttn(cfg, block.attn)
         self.mlp = _ViewMLP(cfg, block.mlp)
         for norm in ("ln1", "ln2", "ln1_post", "ln2_post"):
@@ -276,17 +282,14 @@ def _tl_config(view: UnrolledModel, model: HookedLoopedTransformer, depth: int, 
     )
 
 
-def _is_nested(model: Any) -> bool:
-    return hasattr(model, "low_blocks")
-
-
 class UnrolledModel(HookedRootModule):
     """A looped model run `n_loops` times, seen as a TransformerLens model of depth
-    `cfg.n_layers = n_prelude + n_loops * n_block (* (l_cycles + 1) nested) + n_coda`.
+    `cfg.n_layers` = the depth of the model's schedule (`n_prelude + n_loops * n_block + n_coda`
+    for the plain loop; a family whose pass traverses more layers counts them all).
 
     Built by `model.unrolled(n_loops=T, **run_kwargs)`; shares the model's weights (its
     parameters are the model's; `to()` / `eval()` act on the model) and runs the model's own
-    forward with `run_kwargs` (seed=, exit=, l_cycles=, initial_state=...). Every call gives
+    forward with `run_kwargs` (seed=, exit=, initial_state=, the family's run options...). Every call gives
     exactly what `model(tokens, n_loops=T, **run_kwargs)` gives, and every hook name maps to
     one of the model's hook points (`loop_name(name)`; `loop_index(k)` for a depth).
 
@@ -308,17 +311,10 @@ class UnrolledModel(HookedRootModule):
         self.n_loops = T
         self.run_kwargs = dict(run_kwargs)
         self.tokenizer = model.tokenizer
-        self.l_cycles = 0
-        if _is_nested(model):
-            from loop_lens.model.hrm import NestedLoopCache
-
-            L = run_kwargs.get("l_cycles")
-            self.l_cycles = model.cfg.l_cycles if L is None else L
-            self._index: LoopCache = NestedLoopCache({}, model, T, l_cycles=self.l_cycles)
-            loop_names = model.hook_names(T, l_cycles=self.l_cycles)
-        else:
-            self._index = LoopCache({}, model, T)
-            loop_names = model.hook_names(T)
+        options = {k: v for k, v in run_kwargs.items() if k in model.run_options and v is not None}
+        self.schedule = model.schedule(T, **options)
+        self._index: LoopCache = model._cache_cls({}, model, T, schedule=self.schedule)
+        loop_names = model.hook_names(T, **options)
         self.loop_cfg = model.cfg
         self._weights = _Weights(self._index._unrolled_view())  # UnrolledView: the final norm, accumulated_bias
         depth = self._index.depth
@@ -331,10 +327,7 @@ class UnrolledModel(HookedRootModule):
     # ------------------------------------------------------------------ structure
     def _layer_modules(self) -> list[Block]:
         """The weight module run at each depth, in running order."""
-        m = self.model
-        if self.l_cycles:
-            return (list(m.low_blocks) * self.l_cycles + list(m.blocks)) * self.n_loops
-        return list(m.prelude_blocks) + list(m.blocks) * self.n_loops + list(m.coda_blocks)
+        return [getattr(self.model, tr.stack)[tr.layer] for tr in self.schedule]
 
     def _build(self, loop_names: list[str], depth: int) -> None:
         """Hook points for every name the run fires, under its name on the unrolled depth."""
@@ -393,8 +386,8 @@ class UnrolledModel(HookedRootModule):
 
     def loop_index(self, layer: int) -> tuple:
         """Unrolled layer -> (phase, iteration or None, layer within its phase): `("prelude", None, l)`,
-        `("loop", t, l)`, `("coda", None, l)`; for a nested (HRM) loop `("low", h, l_cycle, l)` or
-        `("loop", h, None, l)`."""
+        `("loop", t, l)`, `("coda", None, l)`; a family with more stacks per pass reports its own
+        coordinates between the iteration and the layer (the schedule's index)."""
         return self._index.loop_index(layer)
 
     def depth_index(self, iteration: int, layer: int, **kwargs: Any) -> int:
