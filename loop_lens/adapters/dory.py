@@ -112,7 +112,7 @@ def _rope(r: CheckpointConfig, kinds: set[str]) -> dict[str, dict[str, Any]]:
             raise LoadError(f"{where}: no entry for {kind!r}, which 'layer_types' uses")
         problem = rope_problem(params[kind])
         if problem:
-            raise LoadError(f"{where}.{kind}: {problem}")
+            raise LoadError(f"{r.origin} field 'rope_parameters.{kind}': {problem}")
         out[kind] = dict(params[kind])
     return out
 
