@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from loop_lens.adapters.dory import canonical_name, dory_config, load_dory
 from loop_lens.errors import LoadError, UnexpectedTensorsWarning
-from loop_lens.families.dory import ACTIVATIONS, ATTENTION_TYPES, DoryLayerHooks
+from loop_lens.families.dory import ACTIVATIONS, ATTENTION_TYPES, DoryLayerHooks, _DoryKV, _run, dory_generate
 from loop_lens.model.hooks import NO_HOOKS
 
 transformers = pytest.importorskip("transformers")
@@ -305,6 +305,53 @@ def test_hook_names(tmp_path):
                    "mlp.ln_sub.hook_scale", "ln1.hook_scale", "ln2_post.hook_normalized", "attn.hook_rot_q"):
         assert f"iter.7.blocks.{ours.cfg.n_block - 1}.{suffix}" in names
     assert {"hook_embed", "iter.0.hook_state_pre", "iter.0.hook_state_post", "ln_final.hook_scale"} <= names
+
+
+# --------------------------------------------------------------------------- generation, both KV-cache modes
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_greedy_generate_equals_transformers_in_both_cache_modes(seed, tmp_path):
+    """The temporary driver's KV cache reproduces transformers' generate in `per_loop` and
+    `last_loop` modes (left-padded batch, n_loops >= 2 so `last_loop` matters), and `per_loop`
+    equals recomputing the whole sequence every step."""
+    hf, ours, _ = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 500, batch=2, pos=6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    n_loops, new = 2 + seed % 3, 7
+    results = {}
+    for mode in ("per_loop", "last_loop"):
+        hf.config.recurrent_kv_cache_mode, hf.config.n_recurrent_loops = mode, n_loops
+        with torch.no_grad():
+            want = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        got = dory_generate(ours, ids, new, n_loops=n_loops, attention_mask=mask, kv_cache_mode=mode)
+        assert torch.equal(got, want), mode
+        results[mode] = got
+    recomputed = dory_generate(ours, ids, new, n_loops=n_loops, attention_mask=mask, use_cache=False)
+    assert torch.equal(recomputed, results["per_loop"])
+
+
+def test_last_loop_cache_reads_the_last_loop(tmp_path):
+    """`last_loop` is not the recompute: after the prompt, passes before the last attend to the
+    last pass's keys. Its next-token logits equal transformers' with the same cache mode."""
+    hf, ours, _ = make_pair(5, tmp_path)
+    ids = tokens_for(hf, 7, batch=1, pos=6)
+    positions = torch.arange(6)[None]
+    for mode in ("per_loop", "last_loop"):
+        kv = _DoryKV(mode, 3)
+        with torch.no_grad():
+            _run(ours, ids[:, :5], 3, torch.ones(1, 5, dtype=torch.long), positions[:, :5], kv)
+            step = _run(ours, ids[:, 5:], 3, torch.ones(1, 6, dtype=torch.long), positions[:, 5:], kv)
+            full = ours(ids, n_loops=3)[:, 5:]
+            hf.config.recurrent_kv_cache_mode, hf.config.n_recurrent_loops = mode, 3
+            out = hf(ids[:, :5], use_cache=True)
+            want = hf(ids[:, 5:], cache=out.cache, use_cache=True).logits
+        close(step, want, 1e-4, mode)
+        if mode == "per_loop":
+            close(step, full, 1e-4, "per_loop = recompute")
+        else:
+            assert not torch.allclose(step, full, rtol=1e-3, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- the adapter

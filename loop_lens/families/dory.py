@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from loop_lens.checks import check_n_loops
+from loop_lens.checks import check_n_loops, positive_int
 from loop_lens.config import (
     NUMBER,
     POSITIVE_INT,
@@ -571,6 +571,32 @@ class DoryFamily:
 # interface only: embed -> prelude (run.layer) -> begin -> step per pass -> state -> readout.
 
 
+class _DoryKV:
+    """TEMPORARY: a KV cache per site, as transformers' `generate` keeps Dory's (see
+    docs/families/dory.md). `per_loop`: every (pass, layer) has its own keys and values.
+    `last_loop`: passes before the last read the last pass's cache of that layer (plus their own
+    new keys) and write nothing; the last pass reads and writes it."""
+
+    def __init__(self, mode: str, n_loops: int):
+        self.mode, self.n_loops = mode, n_loops
+        self.store: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def site(self, site: tuple) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        read = write = site
+        if self.mode == "last_loop" and site[0] == "iter" and site[1] < self.n_loops - 1:
+            read, write = ("iter", self.n_loops - 1, site[2]), None
+
+        def kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            if read in self.store:
+                past_k, past_v = self.store[read]
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            if write is not None:
+                self.store[write] = (k, v)
+            return k, v
+
+        return kv
+
+
 @dataclass
 class _DoryRun:
     """TEMPORARY: the core's run object, reduced to what Dory's layers need."""
@@ -579,9 +605,11 @@ class _DoryRun:
     mask: Optional[Tensor]
     rotary: nn.ModuleDict
     rope: dict[str, tuple[Tensor, Tensor]]
+    kv: Optional[_DoryKV] = None
 
     def layer(self, site: tuple, block: nn.Module, hooks: Any, x: Tensor, **extra: Any) -> Tensor:
-        return block(x, hooks, self.rotary, self.rope, self.mask, None, **extra)
+        kv = self.kv.site(site) if self.kv is not None else None
+        return block(x, hooks, self.rotary, self.rope, self.mask, kv, **extra)
 
 
 class DoryModelLike(HookedRootModule):
@@ -626,8 +654,13 @@ def dory_forward(
     `n_loops` defaults to the checkpoint's `n_recurrent_loops`. `attention_mask` [batch, pos]
     (1 = real token) masks padding keys; positions are 0..pos-1 as in transformers' forward
     without `position_ids`, or `positions` [batch, pos] (e.g. `cumsum(mask) - 1`, as generate)."""
-    cfg, family = model_like.cfg, model_like.family
-    n_loops = check_n_loops(n_loops, cfg.default_loops)
+    n_loops = check_n_loops(n_loops, model_like.cfg.default_loops)
+    _check_inputs(model_like.cfg, tokens, attention_mask, positions)
+    return _run(model_like, tokens, n_loops, attention_mask, positions, None)
+
+
+def _check_inputs(cfg: LoopConfig, tokens: Any, attention_mask: Any, positions: Any) -> None:
+    """TEMPORARY: ValueError naming the argument when tokens, attention_mask or positions are wrong."""
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tokens must be an integer tensor [batch, pos], got {getattr(tokens, 'shape', type(tokens))}")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.d_vocab):
@@ -637,9 +670,15 @@ def dory_forward(
             raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, got {getattr(value, 'shape', value)!r}")
     if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+
+
+def _run(model_like: DoryModelLike, tokens: Tensor, n_loops: int, mask: Optional[Tensor],
+         positions: Optional[Tensor], kv: Optional[_DoryKV]) -> Tensor:
+    """TEMPORARY: embed -> prelude -> begin -> step per pass -> readout, through the family."""
+    family = model_like.family
     model_like.ensure_passes(n_loops)
     rope = family.rope(model_like, tokens.shape[1] if positions is None else positions.long(), tokens.device)
-    run = _DoryRun(tokens, attention_mask, model_like.rotaries, rope)
+    run = _DoryRun(tokens, mask, model_like.rotaries, rope, kv)
     x = family.embed(model_like, run)
     for layer, block in enumerate(model_like.prelude_blocks):
         x = run.layer(("prelude", layer), block, model_like.prelude[layer], x)
@@ -648,3 +687,43 @@ def dory_forward(
     for t in range(n_loops):
         carry = family.step(model_like, run, t, carry, e, model_like.iter[str(t)])
     return family.readout(model_like, run, family.state(carry), hooked=True)
+
+
+@torch.no_grad()
+def dory_generate(
+    model_like: DoryModelLike,
+    tokens: Int[Tensor, "batch pos"],
+    max_new_tokens: int,
+    n_loops: Optional[int] = None,
+    attention_mask: Optional[Tensor] = None,
+    kv_cache_mode: Optional[str] = None,
+    use_cache: bool = True,
+) -> Int[Tensor, "batch pos_out"]:
+    """TEMPORARY greedy generation as transformers' `generate` does it for Dory: positions
+    `cumsum(mask) - 1` (0 on padding), then one more per new token; with `use_cache`, a KV cache
+    in `kv_cache_mode` (default: the checkpoint's `recurrent_kv_cache_mode`), else every step
+    recomputes the whole sequence. Returns the prompt followed by the new tokens."""
+    cfg = model_like.cfg
+    n_loops = check_n_loops(n_loops, cfg.default_loops)
+    max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
+    mode = model_like.dory.kv_cache_mode if kv_cache_mode is None else kv_cache_mode
+    if mode not in KV_CACHE_MODES:
+        raise ValueError(f"kv_cache_mode must be one of {list(KV_CACHE_MODES)}, got {mode!r}")
+    _check_inputs(cfg, tokens, attention_mask, None)
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(tokens.dtype)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    kv = _DoryKV(mode, n_loops) if use_cache else None
+    out = tokens
+    logits = _run(model_like, tokens, n_loops, mask, positions, kv)
+    for step in range(max_new_tokens):
+        new = logits[:, -1].argmax(-1, keepdim=True).to(tokens.dtype)
+        out = torch.cat([out, new], dim=1)
+        mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        if step == max_new_tokens - 1:
+            break
+        if kv is not None:
+            logits = _run(model_like, new, n_loops, mask, positions[:, -1:], kv)
+        else:
+            logits = _run(model_like, out, n_loops, mask, positions, None)
+    return out
