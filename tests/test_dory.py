@@ -1,0 +1,482 @@
+"""Dory (loop_lens/families/dory.py, loop_lens/adapters/dory.py) against transformers' DoryForCausalLM.
+
+Every configuration is drawn by a seeded generator (`random_config`): layer counts, widths, GQA,
+attention types per layer, sliding window, RoPE kind and theta per attention type, activation,
+biases, tied embeddings, initializer_range, ngpt_alpha_init, the default loop count. Every learned
+scale (sqk, s_gate, suv_*, lambda_*, logit_scale) is moved off its init (`perturb`), so each is
+read. Checkpoints are written with `save_pretrained` and read back with our adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loop_lens.adapters.dory import canonical_name, dory_config, load_dory
+from loop_lens.errors import LoadError, UnexpectedTensorsWarning
+from loop_lens.families.dory import ACTIVATIONS, ATTENTION_TYPES, DoryLayerHooks, _DoryKV, _run, dory_generate
+from loop_lens.model.hooks import NO_HOOKS
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "DoryForCausalLM"):  # pragma: no cover - older transformers
+    pytest.skip("transformers has no DoryForCausalLM (needs >= 5.25)", allow_module_level=True)
+from transformers import DoryConfig, DoryForCausalLM  # noqa: E402
+
+torch.set_num_threads(1)
+SEEDS = range(8)
+
+
+def random_config(seed: int, **overrides) -> dict:
+    """A tiny Dory config with every switch drawn from `seed`."""
+    rng = random.Random(seed)
+    H = rng.choice([2, 4])
+    n_in, n_rec, n_out = rng.randint(0, 2), rng.randint(1, 3), rng.randint(0, 2)
+    n_layers = n_in + n_rec + n_out
+    types = [rng.choice(ATTENTION_TYPES) for _ in range(n_layers)]
+    if n_layers > 1:  # both kinds in every model with room for them
+        types[rng.randrange(n_layers)] = "sliding_attention"
+        types[rng.randrange(n_layers)] = "full_attention"
+    rope = {}
+    for kind in sorted(set(types)):
+        params = {"rope_type": rng.choice(["default", "linear", "llama3"]), "rope_theta": rng.choice([50.0, 1e4, 1e6])}
+        if params["rope_type"] == "linear":
+            params["factor"] = rng.choice([2.0, 4.0])
+        if params["rope_type"] == "llama3":
+            params.update(factor=rng.choice([2.0, 8.0]), original_max_position_embeddings=16,
+                          low_freq_factor=1.0, high_freq_factor=4.0)
+        rope[kind] = params
+    config = dict(
+        vocab_size=rng.choice([37, 61]),
+        hidden_size=rng.choice([16, 24, 32]),
+        intermediate_size=rng.choice([24, 40]),
+        num_hidden_layers=n_layers,
+        num_attention_heads=H,
+        num_key_value_heads=rng.choice([k for k in (1, 2, 4) if H % k == 0]),
+        head_dim=rng.choice([4, 8]),
+        n_input_layers=n_in,
+        n_recurrent_layers=n_rec,
+        n_output_layers=n_out,
+        layer_types=types,
+        sliding_window=rng.choice([1, 2, 3, 5]),
+        rope_parameters=rope,
+        hidden_act=rng.choice(sorted(ACTIVATIONS)),
+        attention_bias=rng.random() < 0.5,
+        mlp_bias=rng.random() < 0.5,
+        tie_word_embeddings=rng.random() < 0.3,
+        initializer_range=rng.choice([0.0177, 0.02, 0.05]),
+        ngpt_alpha_init=rng.choice([0.05, 0.2, 0.5]),
+        n_recurrent_loops=rng.randint(1, 4),
+        recurrent_kv_cache_mode=rng.choice(["per_loop", "last_loop"]),
+        max_position_embeddings=64,
+    )
+    config.update(overrides)
+    return config
+
+
+@torch.no_grad()
+def perturb(model: DoryForCausalLM, seed: int) -> None:
+    """Weights of order one, and every learned scale moved off its init (lambdas change sign too:
+    transformers uses their absolute value)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            unit_rows = "embed" in name or "lm_head" in name  # logits of order one and more
+            p.copy_(torch.randn(p.shape, generator=g) / (1.0 if unit_rows else p.shape[1] ** 0.5))
+        elif name.endswith("bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        else:  # sqk, s_gate, suv_gate, suv_up, lambda_1, lambda_2, logit_scale
+            factor = 0.5 + torch.rand(p.shape, generator=g)
+            if "lambda" in name:
+                factor = factor * torch.where(torch.rand(p.shape, generator=g) < 0.3, -1.0, 1.0)
+            p.mul_(factor)
+
+
+def make_pair(seed: int, tmp_path: Path, eager: bool = False, **overrides):
+    """(transformers' model, ours loaded from its save_pretrained folder, the folder)."""
+    torch.manual_seed(seed)
+    hf = DoryForCausalLM(DoryConfig(**random_config(seed, **overrides))).eval()
+    perturb(hf, seed)
+    folder = tmp_path / f"dory-{seed}"
+    hf.save_pretrained(folder)
+    if eager:
+        hf.set_attn_implementation("eager")
+    return hf, load_dory(folder), folder
+
+
+def close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str = "") -> None:
+    """Equal up to `rtol`, relative to each element and to the tensor's magnitude."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max().clamp_min(1e-6)), msg=lambda m: f"{what}: {m}")
+
+
+def tokens_for(hf: DoryForCausalLM, seed: int, batch: int = 2, pos: int = 11) -> torch.Tensor:
+    return torch.randint(0, hf.config.vocab_size, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_logits(hf: DoryForCausalLM, ids: torch.Tensor, n_loops: int, **kwargs) -> torch.Tensor:
+    saved = hf.config.n_recurrent_loops
+    hf.config.n_recurrent_loops = n_loops  # the runtime loop count: DoryModel.forward reads it per call
+    try:
+        return hf(ids, use_cache=False, **kwargs).logits
+    finally:
+        hf.config.n_recurrent_loops = saved
+
+
+# --------------------------------------------------------------------------- logits
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_logits_default_and_runtime_loops(seed, tmp_path):
+    hf, ours, folder = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed)
+    with torch.no_grad():
+        want = hf(ids, use_cache=False).logits
+        got = ours(ids)  # the checkpoint's own n_recurrent_loops
+    assert want.abs().max() > 1.0  # logits of real size, so the tolerance means something
+    close(got, want, 1e-4, "default loops")
+    by_loops = {}
+    for n in range(1, 9):
+        with torch.no_grad():
+            by_loops[n] = ours(ids, n_loops=n)
+        close(by_loops[n], hf_logits(hf, ids, n), 1e-4, f"n_loops={n}")
+    assert not torch.allclose(by_loops[1], by_loops[2])  # the loop count is read
+    # transformers' other way of choosing the loop count: from_pretrained(..., n_recurrent_loops=)
+    hf3 = DoryForCausalLM.from_pretrained(folder, n_recurrent_loops=3).eval()
+    with torch.no_grad():
+        close(by_loops[3], hf3(ids, use_cache=False).logits, 1e-4, "from_pretrained n_recurrent_loops=3")
+
+
+# --------------------------------------------------------------------------- every layer, every loop
+
+
+def _record(hf: DoryForCausalLM):
+    """Forward hooks on transformers' modules; each recurrent layer's fire once per loop."""
+    got: dict[tuple[str, int], list[torch.Tensor]] = {}
+    handles = []
+
+    def keep(key, value):
+        got.setdefault(key, []).append(value.detach().clone())
+
+    for i, layer in enumerate(hf.model.layers):
+        handles += [
+            layer.register_forward_pre_hook(lambda m, a, kw, i=i: keep(("resid_pre", i), a[0] if a else kw["hidden_states"]), with_kwargs=True),
+            layer.register_forward_hook(lambda m, a, out, i=i: keep(("resid_post", i), out)),
+            layer.self_attn.register_forward_hook(lambda m, a, out, i=i: keep(("pattern", i), out[1])),
+            layer.post_attention_layernorm.register_forward_hook(lambda m, a, out, i=i: keep(("attn_out", i), out)),
+            layer.pre_feedforward_layernorm.register_forward_pre_hook(lambda m, a, i=i: keep(("resid_mid", i), a[0])),
+            layer.post_feedforward_layernorm.register_forward_hook(lambda m, a, out, i=i: keep(("mlp_out", i), out)),
+        ]
+    return got, handles
+
+
+OURS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post", "pattern": "attn.hook_pattern",
+        "attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid", "mlp_out": "hook_mlp_out"}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_layer_at_every_loop(seed, tmp_path):
+    hf, ours, _ = make_pair(seed, tmp_path, eager=True)
+    cfg = ours.cfg
+    n_loops = 3 if seed % 2 else 5
+    ids = tokens_for(hf, seed + 100)
+    recorded, handles = _record(hf)
+    try:
+        want_logits = hf_logits(hf, ids, n_loops)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        logits, cache = ours.run_with_cache(ids, n_loops=n_loops)
+    close(logits, want_logits, 1e-4, "logits")
+    sites = [(f"prelude.{l}", l, 0) for l in range(cfg.n_prelude)]
+    sites += [(f"iter.{t}.blocks.{l}", cfg.n_prelude + l, t) for t in range(n_loops) for l in range(cfg.n_block)]
+    sites += [(f"coda.{l}", cfg.n_prelude + cfg.n_block + l, 0) for l in range(cfg.n_coda)]
+    for prefix, index, call in sites:
+        fires = n_loops if prefix.startswith("iter") else 1
+        for kind, ours_name in OURS.items():
+            assert len(recorded[(kind, index)]) == fires
+            close(cache[f"{prefix}.{ours_name}"], recorded[(kind, index)][call], 1e-5, f"{prefix}.{ours_name}")
+        # the interpolation hooks are what the two steps add to the unit residual
+        close(cache[f"{prefix}.hook_resid_mid"],
+              cache[f"{prefix}.ln1.hook_normalized"] + cache[f"{prefix}.hook_attn_lerp"], 1e-6, "attn lerp")
+        close(cache[f"{prefix}.hook_resid_post"],
+              cache[f"{prefix}.ln2.hook_normalized"] + cache[f"{prefix}.hook_mlp_lerp"], 1e-6, "mlp lerp")
+    e = cache[f"prelude.{cfg.n_prelude - 1}.hook_resid_post"] if cfg.n_prelude else cache["hook_embed"]
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    for t in range(n_loops):
+        # the loop start: what the first recurrent layer receives, = unit(h) + unit(e)
+        close(cache[f"iter.{t}.hook_state_pre"], recorded[("resid_pre", cfg.n_prelude)][t], 1e-5, f"state_pre {t}")
+        h = e if t == 0 else cache[f"iter.{t - 1}.hook_state_post"]
+        close(cache[f"iter.{t}.hook_state_pre"], unit(h) + unit(e), 1e-5, f"state_pre {t} formula")
+        close(cache[f"iter.{t}.hook_state_post"], cache[f"iter.{t}.blocks.{cfg.n_block - 1}.hook_resid_post"], 0, "state_post")
+
+
+# --------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches(seed, side, tmp_path):
+    hf, ours, _ = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 200, batch=3, pos=9)
+    lengths = [9, 5, 2]
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            mask[b, 9 - n:] = 1
+        else:
+            mask[b, :n] = 1
+    real = mask.bool()
+    n_loops = 1 + seed % 4
+    with torch.no_grad():
+        got = ours(ids, n_loops=n_loops, attention_mask=mask)
+    close(got[real], hf_logits(hf, ids, n_loops, attention_mask=mask)[real], 1e-4, "arange positions")
+    # per-row positions, as transformers' generate makes them
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        got = ours(ids, n_loops=n_loops, attention_mask=mask, positions=positions)
+    want = hf_logits(hf, ids, n_loops, attention_mask=mask, position_ids=positions)
+    close(got[real], want[real], 1e-4, "per-row positions")
+    # and then each prompt equals itself alone
+    for b in range(len(lengths)):
+        alone = ids[b][real[b]][None]
+        with torch.no_grad():
+            close(got[b][real[b]], ours(alone, n_loops=n_loops)[0], 1e-4, f"prompt {b} alone")
+
+
+# --------------------------------------------------------------------------- hooks change the computation
+
+
+def _set_everywhere(name_end: str, value):
+    return [(lambda n: n.endswith(name_end), lambda x, hook: torch.full_like(x, value))]
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_interventions_equal_the_reference_with_edited_weights(seed, tmp_path):
+    """Zeroing hook_attn_lerp / hook_mlp_lerp everywhere is lambda_1 / lambda_2 = 0; a gate of 0.5
+    everywhere is s_gate = 0; hooks on the sphere norms' hook_scale at 1 leave unit inputs alone."""
+    hf, ours, _ = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 300)
+    n = ours.cfg.default_loops
+    cases = [("hook_attn_lerp", 0.0, "lambda_1", 0.0), ("hook_mlp_lerp", 0.0, "lambda_2", 0.0), ("attn.hook_gate", 0.5, "s_gate", 0.0)]
+    for hook_end, value, param_end, param_value in cases:
+        with torch.no_grad():
+            got = ours.run_with_hooks(ids, n_loops=n, fwd_hooks=_set_everywhere(hook_end, value))
+        edited = DoryForCausalLM(hf.config).eval()
+        edited.load_state_dict(hf.state_dict())
+        with torch.no_grad():
+            for name, p in edited.named_parameters():
+                if name.endswith(param_end):
+                    p.fill_(param_value)
+        want = hf_logits(edited, ids, n)
+        close(got, want, 1e-4, hook_end)
+        assert not torch.allclose(want, hf_logits(hf, ids, n))  # the edit matters
+
+
+def test_no_hooks_and_eager_paths_equal(tmp_path):
+    """A layer gives the same output with NO_HOOKS, with an empty container, and on the explicit
+    attention path (pattern hooked) instead of SDPA."""
+    _, ours, _ = make_pair(4, tmp_path)
+    block = ours.blocks[0]
+    x = torch.randn(2, 7, ours.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    rope = ours.family.rope(ours, 7, x.device)
+    with torch.no_grad():
+        plain = block(x, NO_HOOKS, ours.rotaries, rope, None)
+        hooks = DoryLayerHooks()
+        empty = block(x, hooks, ours.rotaries, rope, None)
+        seen = []
+        hooks.attn.hook_pattern.add_hook(lambda p, hook: seen.append(p.shape))
+        eager = block(x, hooks, ours.rotaries, rope, None)
+    assert seen and torch.equal(plain, empty)
+    close(eager, plain, 1e-5, "explicit attention vs SDPA")
+
+
+def test_hook_names(tmp_path):
+    _, ours, _ = make_pair(2, tmp_path)
+    names = set(ours.hook_dict)
+    for suffix in ("hook_attn_lerp", "hook_mlp_lerp", "attn.hook_gate", "attn.ln_sub.hook_normalized",
+                   "mlp.ln_sub.hook_scale", "ln1.hook_scale", "ln2_post.hook_normalized", "attn.hook_rot_q"):
+        assert f"iter.7.blocks.{ours.cfg.n_block - 1}.{suffix}" in names
+    assert {"hook_embed", "iter.0.hook_state_pre", "iter.0.hook_state_post", "ln_final.hook_scale"} <= names
+
+
+# --------------------------------------------------------------------------- generation, both KV-cache modes
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_greedy_generate_equals_transformers_in_both_cache_modes(seed, tmp_path):
+    """The temporary driver's KV cache reproduces transformers' generate in `per_loop` and
+    `last_loop` modes (left-padded batch, n_loops >= 2 so `last_loop` matters), and `per_loop`
+    equals recomputing the whole sequence every step."""
+    hf, ours, _ = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 500, batch=2, pos=6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    n_loops, new = 2 + seed % 3, 7
+    results = {}
+    for mode in ("per_loop", "last_loop"):
+        hf.config.recurrent_kv_cache_mode, hf.config.n_recurrent_loops = mode, n_loops
+        with torch.no_grad():
+            want = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        got = dory_generate(ours, ids, new, n_loops=n_loops, attention_mask=mask, kv_cache_mode=mode)
+        assert torch.equal(got, want), mode
+        results[mode] = got
+    recomputed = dory_generate(ours, ids, new, n_loops=n_loops, attention_mask=mask, use_cache=False)
+    assert torch.equal(recomputed, results["per_loop"])
+
+
+def test_last_loop_cache_reads_the_last_loop(tmp_path):
+    """`last_loop` is not the recompute: after the prompt, passes before the last attend to the
+    last pass's keys. Its next-token logits equal transformers' with the same cache mode."""
+    hf, ours, _ = make_pair(5, tmp_path)
+    ids = tokens_for(hf, 7, batch=1, pos=6)
+    positions = torch.arange(6)[None]
+    for mode in ("per_loop", "last_loop"):
+        kv = _DoryKV(mode, 3)
+        with torch.no_grad():
+            _run(ours, ids[:, :5], 3, torch.ones(1, 5, dtype=torch.long), positions[:, :5], kv)
+            step = _run(ours, ids[:, 5:], 3, torch.ones(1, 6, dtype=torch.long), positions[:, 5:], kv)
+            full = ours(ids, n_loops=3)[:, 5:]
+            hf.config.recurrent_kv_cache_mode, hf.config.n_recurrent_loops = mode, 3
+            out = hf(ids[:, :5], use_cache=True)
+            want = hf(ids[:, 5:], cache=out.cache, use_cache=True).logits
+        close(step, want, 1e-4, mode)
+        if mode == "per_loop":
+            close(step, full, 1e-4, "per_loop = recompute")
+        else:
+            assert not torch.allclose(step, full, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+def _rewrite(folder: Path, out: Path, rename) -> None:
+    out.mkdir()
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    tensors = load_file(folder / "model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def _two_block(name: str) -> str:
+    """save_pretrained's name -> the released layout's (attention and mlp as separate blocks)."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[1] == "layers":
+        i, rest = int(parts[2]), parts[3:]
+        if rest[0] == "self_attn":
+            return ".".join(["backbone", "layers", str(2 * i), "mixer", *rest[1:]])
+        if rest[0] == "mlp":
+            return ".".join(["backbone", "layers", str(2 * i + 1), "mixer", *rest[1:]])
+        if rest == ["lambda_1"]:
+            return f"backbone.layers.{2 * i}.attn_alpha"
+        if rest == ["lambda_2"]:
+            return f"backbone.layers.{2 * i + 1}.mlp_alpha"
+    return name
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_layouts(seed, tmp_path):
+    """The released two-block layout and transformers' module names load to the same model, and
+    transformers itself reads the two-block layout the same way."""
+    hf, ours, folder = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 400)
+    with torch.no_grad():
+        want = hf(ids, use_cache=False).logits
+    names = set(load_file(folder / "model.safetensors"))
+    assert any(".g_proj." in n for n in names) and all(n.startswith(("backbone.", "lm_head.")) for n in names)
+    two = tmp_path / "two-block"
+    _rewrite(folder, two, _two_block)
+    assert any(".mixer." in n for n in load_file(two / "model.safetensors"))
+    module_names = tmp_path / "module-names"
+    _rewrite(folder, module_names, canonical_name)
+    assert any(n.startswith("model.embed_tokens") for n in load_file(module_names / "model.safetensors"))
+    # a hand-written config: layer_types once per layer, counts not doubled
+    single = tmp_path / "single-config"
+    _rewrite(folder, single, lambda k: k)
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_types"] = config["layer_types"][::2]
+    for key in ("num_hidden_layers", "n_input_layers", "n_recurrent_layers", "n_output_layers"):
+        config[key] //= 2
+    (single / "config.json").write_text(json.dumps(config))
+    for path in (two, module_names, single):
+        with torch.no_grad():
+            close(load_dory(path)(ids), want, 1e-4, path.name)
+    with torch.no_grad():
+        close(DoryForCausalLM.from_pretrained(two).eval()(ids, use_cache=False).logits, want, 1e-4, "transformers two-block")
+    assert ours.cfg.family == "dory" and ours.cfg.n_block == hf.config.n_recurrent_layers
+    assert ours.cfg.n_prelude == hf.config.n_input_layers and ours.cfg.n_coda == hf.config.n_output_layers
+
+
+def _saved_config(seed: int = 0) -> dict:
+    return DoryConfig(**random_config(seed)).to_dict()
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda c: c.update(model_type="llama"), "'model_type'"),
+        (lambda c: c.update(n_input_layers=c["n_input_layers"] + 1), "'n_input_layers'"),
+        (lambda c: c.update(layer_types=["chunked_attention"] * (c["num_hidden_layers"] // 2)), "'layer_types'"),
+        (lambda c: c.update(layer_types=c["layer_types"][1:] + ["mlp"]), "'layer_types'"),
+        (lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "'rope_parameters'"),
+        (lambda c: c.update(rope_parameters={k: {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0} for k in ATTENTION_TYPES}),
+         r"'rope_parameters\.\w+_attention': rope_type 'yarn'"),
+        (lambda c: c.update(hidden_act="tanh"), "'hidden_act'"),
+        (lambda c: c.update(recurrent_kv_cache_mode="every_loop"), "'recurrent_kv_cache_mode'"),
+        (lambda c: c.update(sliding_window=0), "'sliding_window'"),
+        (lambda c: c.update(hidden_size="abc"), "'hidden_size'"),
+        (lambda c: c.update(n_recurrent_loops=0), "'n_recurrent_loops'"),
+        (lambda c: c.update(n_recurrent_layers=c["n_recurrent_layers"] + 2), "must equal num_hidden_layers"),
+        (lambda c: c.update(initializer_range=-1), "'initializer_range'"),
+        (lambda c: c.update(tie_word_embeddings="yes"), "'tie_word_embeddings'"),
+    ],
+)
+def test_bad_config_names_the_field(edit, named):
+    config = _saved_config(1)
+    dory_config(config)  # the unedited config is fine
+    edit(config)
+    with pytest.raises(LoadError, match=named):
+        dory_config(config)
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_bad_tensors_name_the_tensor_and_change_nothing(tmp_path):
+    hf, _, folder = make_pair(3, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+
+    def variant(name, edit):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "config.json").write_text((folder / "config.json").read_text())
+        changed = dict(tensors)
+        edit(changed)
+        save_file(changed, out / "model.safetensors")
+        return out
+
+    scale = next(k for k in tensors if k.endswith("self_attn.sqk"))
+    cases = [
+        (variant("missing", lambda t: t.pop("lm_head.logit_scale")), "lm_head.logit_scale"),
+        (variant("shape", lambda t: t.update({scale: torch.ones(3)})), scale),
+        (variant("dtype", lambda t: t.update({scale: t[scale].to(torch.int8)})), scale),
+    ]
+    for path, named in cases:
+        before = _digest(path)
+        with pytest.raises(LoadError, match=named.replace(".", r"\.")):
+            load_dory(path)
+        assert _digest(path) == before
+    extra = variant("extra", lambda t: t.update({"backbone.something_else": torch.ones(2)}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_dory(extra)
+    assert any(issubclass(w.category, UnexpectedTensorsWarning) and "something_else" in str(w.message) for w in caught)
+    with pytest.raises(LoadError, match="not a directory"):
+        load_dory(tmp_path / "nowhere")
