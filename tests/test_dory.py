@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loop_lens.adapters.dory import canonical_name, dory_config, load_dory
+import loop_lens as ll
+from loop_lens.adapters.dory import canonical_name, dory_config
 from loop_lens.errors import LoadError, UnexpectedTensorsWarning
-from loop_lens.families.dory import ACTIVATIONS, ATTENTION_TYPES, DoryLayerHooks, _DoryKV, _run, dory_generate
-from loop_lens.model.hooks import NO_HOOKS
+from loop_lens.families.dory import ACTIVATIONS, ATTENTION_TYPES
+from loop_lens.model.hooks import NO_HOOKS, BlockHooks
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "DoryForCausalLM"):  # pragma: no cover - older transformers
@@ -107,7 +108,7 @@ def make_pair(seed: int, tmp_path: Path, eager: bool = False, **overrides):
     hf.save_pretrained(folder)
     if eager:
         hf.set_attn_implementation("eager")
-    return hf, load_dory(folder), folder
+    return hf, ll.load(folder), folder
 
 
 def close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str = "") -> None:
@@ -162,7 +163,8 @@ def _record(hf: DoryForCausalLM):
     handles = []
 
     def keep(key, value):
-        got.setdefault(key, []).append(value.detach().clone())
+        if value is not None:  # the pattern is None outside eager attention
+            got.setdefault(key, []).append(value.detach().clone())
 
     for i, layer in enumerate(hf.model.layers):
         handles += [
@@ -237,18 +239,21 @@ def test_padded_batches(seed, side, tmp_path):
     n_loops = 1 + seed % 4
     with torch.no_grad():
         got = ours(ids, n_loops=n_loops, attention_mask=mask)
-    close(got[real], hf_logits(hf, ids, n_loops, attention_mask=mask)[real], 1e-4, "arange positions")
-    # per-row positions, as transformers' generate makes them
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    close(got[real], hf_logits(hf, ids, n_loops, attention_mask=mask)[real], 1e-4, "padded batch")
+    # with run_with_cache too: every recurrent layer's output at the real positions
+    recorded, handles = _record(hf)
+    try:
+        hf_logits(hf, ids, n_loops, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
     with torch.no_grad():
-        got = ours(ids, n_loops=n_loops, attention_mask=mask, positions=positions)
-    want = hf_logits(hf, ids, n_loops, attention_mask=mask, position_ids=positions)
-    close(got[real], want[real], 1e-4, "per-row positions")
-    # and then each prompt equals itself alone
-    for b in range(len(lengths)):
-        alone = ids[b][real[b]][None]
-        with torch.no_grad():
-            close(got[b][real[b]], ours(alone, n_loops=n_loops)[0], 1e-4, f"prompt {b} alone")
+        _, cache = ours.run_with_cache(ids, n_loops=n_loops, attention_mask=mask, names_filter=lambda n: n.endswith("hook_resid_post"))
+    for t in range(n_loops):
+        for layer in range(ours.cfg.n_block):
+            want = recorded[("resid_post", ours.cfg.n_prelude + layer)][t]
+            close(cache[f"iter.{t}.blocks.{layer}.hook_resid_post"][real], want[real], 1e-5, f"iter {t} layer {layer}")
+    # per-row positions (as generate makes them) are tested by the generate tests below
 
 
 # --------------------------------------------------------------------------- hooks change the computation
@@ -286,36 +291,55 @@ def test_no_hooks_and_eager_paths_equal(tmp_path):
     _, ours, _ = make_pair(4, tmp_path)
     block = ours.blocks[0]
     x = torch.randn(2, 7, ours.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    rope = ours.family.rope(ours, 7, x.device)
+    rope = ours._rope(7, x.device)
     with torch.no_grad():
-        plain = block(x, NO_HOOKS, ours.rotaries, rope, None)
-        hooks = DoryLayerHooks()
-        empty = block(x, hooks, ours.rotaries, rope, None)
+        plain = block(x, NO_HOOKS, None, rope, None)
+        hooks = BlockHooks(ours.cfg)
+        empty = block(x, hooks, None, rope, None)
         seen = []
         hooks.attn.hook_pattern.add_hook(lambda p, hook: seen.append(p.shape))
-        eager = block(x, hooks, ours.rotaries, rope, None)
+        eager = block(x, hooks, None, rope, None)
     assert seen and torch.equal(plain, empty)
     close(eager, plain, 1e-5, "explicit attention vs SDPA")
 
 
 def test_hook_names(tmp_path):
+    """Dory's own sites exist on its layers only, in firing order; a plain model has none."""
     _, ours, _ = make_pair(2, tmp_path)
-    names = set(ours.hook_dict)
+    names = ours.hook_names(8)
+    last = f"iter.7.blocks.{ours.cfg.n_block - 1}"
     for suffix in ("hook_attn_lerp", "hook_mlp_lerp", "attn.hook_gate", "attn.ln_sub.hook_normalized",
                    "mlp.ln_sub.hook_scale", "ln1.hook_scale", "ln2_post.hook_normalized", "attn.hook_rot_q"):
-        assert f"iter.7.blocks.{ours.cfg.n_block - 1}.{suffix}" in names
-    assert {"hook_embed", "iter.0.hook_state_pre", "iter.0.hook_state_post", "ln_final.hook_scale"} <= names
+        assert f"{last}.{suffix}" in names
+    order = [f"{last}.{s}" for s in ("attn.hook_gate", "attn.ln_sub.hook_scale", "attn.ln_sub.hook_normalized",
+                                     "ln1_post.hook_scale", "hook_attn_out", "hook_attn_lerp", "hook_resid_mid",
+                                     "mlp.hook_post", "mlp.ln_sub.hook_normalized", "ln2_post.hook_scale",
+                                     "hook_mlp_out", "hook_mlp_lerp", "hook_resid_post")]
+    assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
+    assert {"hook_embed", "iter.0.hook_state_pre", "iter.0.hook_state_post", "ln_final.hook_scale", "hook_latent"} <= set(names)
+    assert not any("hook_injected" in n or "exit_logit" in n for n in names)
+    plain = ll.load("zoo:tiny-random").hook_names(2)
+    assert not any("lerp" in n or "ln_sub" in n for n in plain)
 
 
 # --------------------------------------------------------------------------- generation, both KV-cache modes
 
 
+def cache_safe(seed: int) -> dict:
+    """Overrides keeping transformers' own KV cache exact: its DynamicSlidingWindowLayer keeps
+    `keys[-window + 1:]`, which for sliding_window=1 is every key (`[0:]`), while its mask assumes
+    window - 1 kept; so with a cache it differs from its own forward there. Window 1 is tested
+    without a cache (logits, layers, padding); cached comparisons draw windows >= 2."""
+    window = random_config(seed)["sliding_window"]
+    return {"sliding_window": window if window > 1 else 2 + seed % 3}
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_greedy_generate_equals_transformers_in_both_cache_modes(seed, tmp_path):
-    """The temporary driver's KV cache reproduces transformers' generate in `per_loop` and
-    `last_loop` modes (left-padded batch, n_loops >= 2 so `last_loop` matters), and `per_loop`
-    equals recomputing the whole sequence every step."""
-    hf, ours, _ = make_pair(seed, tmp_path)
+    """`model.generate` reproduces transformers' generate in `per_loop` and `last_loop` modes
+    (left-padded batch, n_loops >= 2 so `last_loop` matters), and `per_loop` equals recomputing
+    the whole sequence every step."""
+    hf, ours, _ = make_pair(seed, tmp_path, **cache_safe(seed))
     ids = tokens_for(hf, seed + 500, batch=2, pos=6)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
@@ -325,32 +349,61 @@ def test_greedy_generate_equals_transformers_in_both_cache_modes(seed, tmp_path)
         hf.config.recurrent_kv_cache_mode, hf.config.n_recurrent_loops = mode, n_loops
         with torch.no_grad():
             want = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
-        got = dory_generate(ours, ids, new, n_loops=n_loops, attention_mask=mask, kv_cache_mode=mode)
-        assert torch.equal(got, want), mode
+        got = ours.generate(ids, max_new_tokens=new, n_loops=n_loops, attention_mask=mask, kv_cache_mode=mode,
+                            return_type="tokens", stop_at_eos=False, verbose=False)
+        # the same tokens (our output writes pad id 0 on the left padding, transformers keeps the input's ids there)
+        assert torch.equal(got[:, ids.shape[1]:], want[:, ids.shape[1]:]), mode
+        assert torch.equal(got[:, :ids.shape[1]][mask.bool()], ids[mask.bool()])
         results[mode] = got
-    recomputed = dory_generate(ours, ids, new, n_loops=n_loops, attention_mask=mask, use_cache=False)
+    recomputed = ours.generate(ids, max_new_tokens=new, n_loops=n_loops, attention_mask=mask, use_past_kv_cache=False,
+                               return_type="tokens", stop_at_eos=False, verbose=False)
     assert torch.equal(recomputed, results["per_loop"])
+    # the checkpoint's own mode is the default
+    hf.config.n_recurrent_loops = n_loops
+    default = ours.generate(ids, max_new_tokens=new, n_loops=n_loops, attention_mask=mask, return_type="tokens",
+                            stop_at_eos=False, verbose=False)
+    assert torch.equal(default, results[ours.dory.kv_cache_mode])
 
 
-def test_last_loop_cache_reads_the_last_loop(tmp_path):
-    """`last_loop` is not the recompute: after the prompt, passes before the last attend to the
-    last pass's keys. Its next-token logits equal transformers' with the same cache mode."""
-    hf, ours, _ = make_pair(5, tmp_path)
-    ids = tokens_for(hf, 7, batch=1, pos=6)
-    positions = torch.arange(6)[None]
+def test_generate_refuses_an_unknown_cache_mode(tmp_path):
+    _, ours, _ = make_pair(1, tmp_path)
+    with pytest.raises(ValueError, match="kv_cache_mode"):
+        ours.generate(torch.tensor([[1, 2]]), max_new_tokens=1, kv_cache_mode="every_loop", stop_at_eos=False, verbose=False)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_kv_cache_per_loop_equals_recompute_and_last_loop_reads_the_last_loop(seed, tmp_path):
+    """Our KV cache after a 5-token prompt, then one token: in `per_loop` mode every (pass, layer)
+    has its own keys and the step's logits equal the full forward's (recompute); in `last_loop`
+    passes before the last attend to the last pass's keys and write none: the logits equal
+    transformers' with that cache mode, and differ from the recompute."""
+    from loop_lens.generation import KVCache, _advance, _Plan
+
+    hf, ours, _ = make_pair(seed, tmp_path, **cache_safe(seed))
+    prompt = tokens_for(hf, seed + 7, batch=1, pos=5)
+    positions, ones = torch.arange(6)[None], torch.ones(1, 6, dtype=torch.long)
+    T = 3
     for mode in ("per_loop", "last_loop"):
-        kv = _DoryKV(mode, 3)
+        # transformers' own generate is the reference for a cached step (its forward called by hand with a
+        # cache differs from it when sliding_window=1): the second step's logits read the first token it made
+        hf.config.recurrent_kv_cache_mode, hf.config.n_recurrent_loops = mode, T
         with torch.no_grad():
-            _run(ours, ids[:, :5], 3, torch.ones(1, 5, dtype=torch.long), positions[:, :5], kv)
-            step = _run(ours, ids[:, 5:], 3, torch.ones(1, 6, dtype=torch.long), positions[:, 5:], kv)
-            full = ours(ids, n_loops=3)[:, 5:]
-            hf.config.recurrent_kv_cache_mode, hf.config.n_recurrent_loops = mode, 3
-            out = hf(ids[:, :5], use_cache=True)
-            want = hf(ids[:, 5:], cache=out.cache, use_cache=True).logits
+            out = hf.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)
+        ids, want = out.sequences[:, :6], out.logits[1].float()
+        cache = KVCache()
+        with torch.no_grad(), ours._options(kv_cache_mode=mode) as opts:
+            plan = _Plan(T, "last", None, 0.0, opts)
+            _advance(ours, plan, cache, ids[:, :5], positions[:, :5], ones[:, :5], "embed")
+            step, _ = _advance(ours, plan, cache, ids[:, 5:], positions[:, 5:], ones[:, 5:], "embed")
+            full = ours(ids, n_loops=T)[:, -1].float()
         close(step, want, 1e-4, mode)
+        iter_sites = {s for s in cache.k if s[0] == "iter"}
         if mode == "per_loop":
+            assert iter_sites == {("iter", t, l) for t in range(T) for l in range(ours.cfg.n_block)}
             close(step, full, 1e-4, "per_loop = recompute")
         else:
+            assert iter_sites == {("iter", T - 1, l) for l in range(ours.cfg.n_block)}  # the earlier passes write nothing
             assert not torch.allclose(step, full, rtol=1e-3, atol=1e-3)
 
 
@@ -406,7 +459,7 @@ def test_layouts(seed, tmp_path):
     (single / "config.json").write_text(json.dumps(config))
     for path in (two, module_names, single):
         with torch.no_grad():
-            close(load_dory(path)(ids), want, 1e-4, path.name)
+            close(ll.load(path)(ids), want, 1e-4, path.name)
     with torch.no_grad():
         close(DoryForCausalLM.from_pretrained(two).eval()(ids, use_cache=False).logits, want, 1e-4, "transformers two-block")
     assert ours.cfg.family == "dory" and ours.cfg.n_block == hf.config.n_recurrent_layers
@@ -471,12 +524,12 @@ def test_bad_tensors_name_the_tensor_and_change_nothing(tmp_path):
     for path, named in cases:
         before = _digest(path)
         with pytest.raises(LoadError, match=named.replace(".", r"\.")):
-            load_dory(path)
+            ll.load(path)
         assert _digest(path) == before
     extra = variant("extra", lambda t: t.update({"backbone.something_else": torch.ones(2)}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        load_dory(extra)
+        ll.load(extra)
     assert any(issubclass(w.category, UnexpectedTensorsWarning) and "something_else" in str(w.message) for w in caught)
-    with pytest.raises(LoadError, match="not a directory"):
-        load_dory(tmp_path / "nowhere")
+    with pytest.raises(LoadError, match="does not exist"):
+        ll.load(tmp_path / "nowhere")

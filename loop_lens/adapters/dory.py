@@ -10,46 +10,32 @@ Reads the three layouts a Dory folder can have, never running checkpoint code:
 
 Both `config.json` forms are read too: `layer_types` listing each decoder layer once, or (as
 `DoryConfig.to_dict` writes it, and the releases) as an attention entry followed by `"mlp"`, with
-every layer count doubled. Not wired into `ll.load`'s auto-detection yet: the lead registers the
-family with the one-loop core (issue 21). `load_dory` is a TEMPORARY assembler for the
-temporary `DoryModelLike` until then.
+every layer count doubled. `ll.load` detects the family by `model_type: dory` and calls `build`.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from loop_lens.adapters.io import (
-    WEIGHT_DTYPES,
-    CheckpointConfig,
-    TensorSource,
-    _convert,
-    _no_init,
-    read_config,
-    read_tensors,
-)
+from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, assemble
 from loop_lens.config import COUNT, FLAG, NUMBER, POSITIVE_INT, POSITIVE_NUMBER, LoopConfig, Rule, choice, show_value
-from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
+from loop_lens.errors import ConfigError, LoadError
 from loop_lens.families.dory import (
     ACTIVATIONS,
     ATTENTION_TYPES,
     KV_CACHE_MODES,
-    DoryModelLike,
     DorySettings,
-    dory_forward,
-    make_rotary,
+    HookedDoryTransformer,
     rope_problem,
 )
 
 Mapping = dict[str, tuple[str, Tensor]]
 
-__all__ = ["canonical_name", "dory_config", "dory_forward", "dory_mapping", "load_dory"]
+__all__ = ["build", "canonical_name", "dory_config", "dory_mapping"]
 
 # DoryConfig's defaults, used where config.json leaves a key out (as transformers does)
 _DEFAULT_ROPE_THETA = {"sliding_attention": 10_000.0, "full_attention": 10_000_000.0}
@@ -183,12 +169,13 @@ def dory_config(config: dict[str, Any], origin: str = "config.json") -> LoopConf
         attn_bias=r.get("attn_bias", "attention_bias", default=False),
         mlp_bias=r.get("mlp_bias", "mlp_bias", default=False),
         tie_embeddings=r.get("tie_embeddings", "tie_word_embeddings", default=False),
-        # descriptive only: Dory's layers are family code (loop_lens/families/dory.py)
+        # descriptive (Dory's layers are family code, loop_lens/families/dory.py); they pick the
+        # shared layer hook sites Dory's layers fire: norms before and after each sublayer, the gate
         norm_placement="sandwich",
         norm_weight=False,
         qk_norm="head",
         attn_gate=True,
-        injection="additive",
+        injection="none",  # each pass's start unit(h) + unit(e) is iter.{t}.hook_state_pre
         extra={"dory": settings.to_extra()},
     )
 
@@ -258,62 +245,16 @@ def dory_mapping(cfg: LoopConfig, source: TensorSource) -> Mapping:
     return mapped
 
 
-def load_dory(
-    directory: str | Path,
+def build(
+    config: dict[str, Any],
+    src: TensorSource,
     dtype: Optional[torch.dtype] = None,
-    device: Optional[str | torch.device] = None,
-    max_loops: int = 8,
-) -> DoryModelLike:
-    """TEMPORARY (until `ll.load` registers Dory): a `DoryModelLike` from a Dory folder
-    (config.json + model.safetensors or shards, or pytorch_model.bin read with weights_only=True).
-
-    Every parameter must be mapped with a floating-point tensor of the right shape; unused
-    tensors are reported in one UnexpectedTensorsWarning; nothing partial is returned and nothing
-    on disk is written."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise LoadError(f"{directory} is not a directory")
+    device: Optional[Union[str, torch.device]] = None,
+    tokenizer: Any = None,
+) -> HookedDoryTransformer:
+    """A Dory config dict + tensors -> a HookedDoryTransformer: every parameter mapped with a
+    float tensor of the right shape (LoadError naming it otherwise); unused tensors warn once."""
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
-    cfg = dory_config(read_config(directory), str(directory / "config.json"))
-    tensors, origin = read_tensors(directory)
-    source = TensorSource(tensors, origin)
-    mapped = dory_mapping(cfg, source)
-    try:
-        with torch.device("meta"), _no_init():
-            model = DoryModelLike(cfg, max_loops=max_loops)
-    except (TypeError, RuntimeError, OverflowError) as err:
-        raise LoadError(f"cannot build a Dory model of this config: {str(err).splitlines()[0]}") from err
-    expected = model.state_dict()
-    if cfg.tie_embeddings:
-        expected.pop("unembed.weight", None)
-    missing = sorted(set(expected) - set(mapped))
-    if missing:  # a bug here, not in the checkpoint: every parameter should have a mapping
-        raise LoadError(f"no mapping for parameter(s) {missing[:5]} of this Dory config")
-    for name, want in expected.items():
-        src_name, tensor = mapped[name]
-        if tensor.dtype not in WEIGHT_DTYPES:
-            raise LoadError(f"tensor {src_name!r} in {origin} has dtype {tensor.dtype}; weights must be one of "
-                            f"{[str(d) for d in WEIGHT_DTYPES]} (a quantized checkpoint such as NVFP4?)")
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise LoadError(f"tensor {src_name!r} in {origin} has shape {tuple(tensor.shape)}, expected "
-                            f"{tuple(want.shape)} for this config")
-    dtype = dtype or mapped["embed.weight"][1].dtype
-    extra = source.unused()
-    state = _convert(dict(expected), mapped, source, dtype, device)
-    model.load_state_dict(state, strict=False, assign=True)
-    del state
-    if cfg.tie_embeddings:
-        model.unembed.weight = model.embed.weight
-    for kind in list(model.rotaries):  # their tables were built under the meta device
-        model.rotaries[kind] = make_rotary(model.dory.rope[kind], cfg.d_head)
-    model.setup()
-    if extra:
-        warnings.warn(
-            f"{len(extra)} tensor(s) in {origin} were not used by the Dory adapter: {extra[:8]}{' ...' if len(extra) > 8 else ''}",
-            UnexpectedTensorsWarning,
-            stacklevel=2,
-        )
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    cfg = dory_config(config)
+    return assemble(cfg, dory_mapping(cfg, src), src, dtype=dtype, device=device, tokenizer=tokenizer)

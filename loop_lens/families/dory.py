@@ -24,19 +24,18 @@ Weight modules own no hook points; each `forward` takes its site's hook containe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from loop_lens.checks import check_n_loops, positive_int
 from loop_lens.config import (
     NUMBER,
     POSITIVE_INT,
@@ -47,9 +46,12 @@ from loop_lens.config import (
     show_value,
 )
 from loop_lens.errors import ConfigError
-from loop_lens.model import hooks as _hooks
+from loop_lens.model import sites
 from loop_lens.model.components import Rotary
-from loop_lens.model.hooks import NO_HOOKS, NormHooks, has_hooks
+from loop_lens.model.hooks import NO_HOOKS, BlockHooks, has_hooks
+from loop_lens.model.looped import HookedLoopedTransformer
+from loop_lens.model.run import Run
+from loop_lens.model.sites import Site
 
 ATTENTION_TYPES = ("sliding_attention", "full_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -66,15 +68,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu2": lambda x: F.relu(x).square(),
 }
 """`hidden_act` values and what transformers' ACT2FN computes for them."""
-
-DORY_HOOK_ATTRIBUTES = frozenset({"hook_attn_lerp", "hook_mlp_lerp", "ln_sub"})
-"""Hook container attributes Dory's layers use that the shared containers do not have."""
-
-# TEMPORARY (until the core's site table, issue 21): NO_HOOKS answers only names in
-# hooks.HOOK_ATTRIBUTES, so extend that set here rather than editing loop_lens/model/hooks.py.
-if not DORY_HOOK_ATTRIBUTES <= _hooks.HOOK_ATTRIBUTES:
-    _hooks.HOOK_ATTRIBUTES = _hooks.HOOK_ATTRIBUTES | DORY_HOOK_ATTRIBUTES
-
 
 def _error(field: str, problem: str) -> ConfigError:
     """A ConfigError naming the field of `cfg.extra["dory"]` (LoopConfig's convention)."""
@@ -257,11 +250,12 @@ def window_bias(
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _pick(table: Any, kind: str) -> Any:
-    """A per-attention-type entry (`rotary` / `rope` given as a dict or ModuleDict), or `table` itself."""
-    if isinstance(table, (dict, nn.ModuleDict)):
-        return table[kind]
-    return table
+def rotate_half(x: Float[Tensor, "batch pos head d_head"], rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate-half RoPE of queries or keys by (cos, sin) [pos, d_head] or [batch, pos, d_head] (in fp32)."""
+    cos, sin = (r[:, :, None, :] if r.ndim == 3 else r[None, :, None, :] for r in rope)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class DoryAttention(nn.Module):
@@ -287,6 +281,24 @@ class DoryAttention(nn.Module):
         self.scale = hd**-0.5
         self.ln_sub = SphereNorm()
 
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        """Query weights in TransformerLens's layout (queries are then made unit per head)."""
+        return self.q_proj.weight.reshape(self.n_heads, self.d_head, -1).transpose(1, 2)
+
+    @property
+    def W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self.k_proj.weight.reshape(self.n_kv, self.d_head, -1).transpose(1, 2)
+
+    @property
+    def W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self.v_proj.weight.reshape(self.n_kv, self.d_head, -1).transpose(1, 2)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        """Output weights in TransformerLens's layout (their input is the unit gated z)."""
+        return self.o_proj.weight.T.reshape(self.n_heads, self.d_head, -1)
+
     def query_scale(self) -> Float[Tensor, "head d_head"]:
         """What multiplies the rotated unit queries: `(sqk * sqrt(d_head) / init)^2`."""
         return (self.sqk * self.sqk_factor).square().view(self.n_heads, self.d_head)
@@ -304,17 +316,17 @@ class DoryAttention(nn.Module):
         mask: Optional[Tensor],
         kv: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """`rotary` / `rope`: a Rotary and its (cos, sin), or dicts of them by attention type.
+        """`rope`: (cos, sin) by attention type (the model's `_rope`); `rotary` is not read.
         `mask`: [batch, past + pos], 1 = real token. `kv(k, v)`: a KV cache site, as in
         `components.Attention` (rotated keys [batch, kv_head, pos, d_head] in, past + pos out)."""
         B, S, _ = x.shape
         H, K, hd = self.n_heads, self.n_kv, self.d_head
-        rotary, rope = _pick(rotary, self.attention_type), _pick(rope, self.attention_type)
+        rope = rope[self.attention_type]
         q = hooks.hook_q(unit(self.q_proj(x).view(B, S, H, hd)))
         k = hooks.hook_k(unit(self.k_proj(x).view(B, S, K, hd)))
         v = hooks.hook_v(self.v_proj(x).view(B, S, K, hd))
-        q = hooks.hook_rot_q(rotary.rotate(q, rope))
-        k = hooks.hook_rot_k(rotary.rotate(k, rope))
+        q = hooks.hook_rot_q(rotate_half(q, rope))
+        k = hooks.hook_rot_k(rotate_half(k, rope))
         q = q * self.query_scale()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
         if kv is not None:
@@ -402,6 +414,8 @@ class DoryUnembed(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_vocab, d_model))
         self.logit_scale = nn.Parameter(torch.full((d_vocab,), initializer_range))
+        self.register_parameter("bias", None)  # as nn.Linear's, for code reading an unembedding's bias
+        self.out_features = d_vocab
         self.factor = 1.0 / initializer_range
         nn.init.normal_(self.weight, std=initializer_range)
 
@@ -413,317 +427,126 @@ class DoryUnembed(nn.Module):
         return F.linear(x, self.weight).float() * self.token_scale()
 
 
-# --------------------------------------------------------------------------- hook containers
+# --------------------------------------------------------------------------- hook sites
 
 
-class DoryAttnHooks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head], unit per head, before RoPE
-        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head], unit per head, before RoPE
-        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = HookPoint()  # after RoPE, before the sqk scale
-        self.hook_rot_k = HookPoint()
-        self.hook_attn_scores = HookPoint()  # [batch, head, query, key], scaled, masked
-        self.hook_pattern = HookPoint()  # [batch, head, query, key]
-        self.hook_z = HookPoint()  # [batch, pos, head, d_head], pattern @ v, before the gate
-        self.hook_gate = HookPoint()  # [batch, pos, head, d_head], the sigmoid gate multiplying z
-        self.ln_sub = NormHooks()  # sphere norm of the gated z, the o_proj input
+def _is_dory(cfg: Any) -> bool:
+    return cfg.family == "dory"
 
 
-class DoryMLPHooks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp], gate_proj(h) * suv_gate * sqrt(D)
-        self.hook_pre_linear = HookPoint()  # up_proj(h) * suv_up * sqrt(D)
-        self.hook_post = HookPoint()  # act(pre) * pre_linear
-        self.ln_sub = NormHooks()  # sphere norm of hook_post, the down_proj input
+sites.register(
+    [
+        Site("attn.ln_sub.hook_scale", "layer", "B S 1", _is_dory, "Dory: length of the gated z (attn_sub_norm)"),
+        Site("attn.ln_sub.hook_normalized", "layer", "B S HD", _is_dory, "Dory: the unit gated z, o_proj's input"),
+        Site("hook_attn_lerp", "layer", "B S D", _is_dory,
+             "Dory: |lambda_1 alpha/init| * (hook_attn_out - ln1.hook_normalized), what the attention step adds"),
+        Site("mlp.ln_sub.hook_scale", "layer", "B S 1", _is_dory, "Dory: length of mlp.hook_post (ffn_sub_norm)"),
+        Site("mlp.ln_sub.hook_normalized", "layer", "B S M", _is_dory, "Dory: the unit mlp.hook_post, down_proj's input"),
+        Site("hook_mlp_lerp", "layer", "B S D", _is_dory,
+             "Dory: |lambda_2 alpha/init| * (hook_mlp_out - ln2.hook_normalized), what the MLP step adds"),
+    ],
+    attributes={"ln_sub"},
+    before={
+        "attn.ln_sub.hook_scale": "ln1_post.hook_scale",
+        "attn.ln_sub.hook_normalized": "ln1_post.hook_scale",
+        "hook_attn_lerp": "hook_resid_mid",
+        "mlp.ln_sub.hook_scale": "ln2_post.hook_scale",
+        "mlp.ln_sub.hook_normalized": "ln2_post.hook_scale",
+    },
+)
 
 
-class DoryLayerHooks(nn.Module):
-    """The hook points of one Dory layer at one site, in firing order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model], the layer's input (not unit)
-        self.ln1 = NormHooks()  # hook_normalized = h, the unit input
-        self.attn = DoryAttnHooks()
-        self.ln1_post = NormHooks()  # on the attention output
-        self.hook_attn_out = HookPoint()  # the unit attention output a (the target of the step)
-        self.hook_attn_lerp = HookPoint()  # |lambda_1 alpha/init| * (a - h): what the step adds to h
-        self.hook_resid_mid = HookPoint()  # h + hook_attn_lerp (not unit)
-        self.ln2 = NormHooks()  # hook_normalized = the unit residual entering the MLP
-        self.mlp = DoryMLPHooks()
-        self.ln2_post = NormHooks()  # on the MLP output
-        self.hook_mlp_out = HookPoint()  # the unit MLP output m
-        self.hook_mlp_lerp = HookPoint()  # |lambda_2 alpha/init| * (m - h2)
-        self.hook_resid_post = HookPoint()  # h2 + hook_mlp_lerp = what DoryDecoderLayer returns
+# --------------------------------------------------------------------------- the model
 
 
-class DoryPassHooks(nn.Module):
-    """One pass of Dory's loop: `iter.{t}.*`."""
+class HookedDoryTransformer(HookedLoopedTransformer):
+    """Dory: prelude = the input layers, `blocks` = the recurrent layers (run `n_loops` times),
+    coda = the output layers, every layer an nGPT layer on the unit sphere (`DoryLayer`).
 
-    def __init__(self, n_block: int) -> None:
-        super().__init__()
-        self.hook_state_pre = HookPoint()  # unit(h) + unit(e): what the pass's first layer receives
-        self.blocks = nn.ModuleList(DoryLayerHooks() for _ in range(n_block))
-        self.hook_state_post = HookPoint()  # the pass's last layer output (= blocks[-1].hook_resid_post)
+    The carry between passes is the last recurrent layer's output `h`; pass t starts from
+    `iter.{t}.hook_state_pre` = `unit(h) + unit(e)` (`e` = the prelude's output, `h = e` before
+    pass 0). Logits: `lm_head(unit(coda(h))) * logit_scale / init` (fp32). `model.generate`
+    keeps its KV cache as the checkpoint's `recurrent_kv_cache_mode` says (`per_loop`: one per
+    (pass, layer), `last_loop`: passes before the last read the last pass's cache and write
+    nothing), or as `generate(..., kv_cache_mode=)` says.
+    """
 
-    def clear_hook_contexts(self) -> None:
-        for module in self.modules():
-            if isinstance(module, HookPoint):
-                module.clear_context()
+    def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
+        if cfg.family != "dory":
+            raise ConfigError(f"family: a HookedDoryTransformer needs family='dory', got {cfg.family!r}")
+        self.dory = DorySettings.from_cfg(cfg)
+        self._kv_mode = self.dory.kv_cache_mode  # the KV-cache mode of the generation under way
+        super().__init__(cfg, tokenizer)
 
-
-# --------------------------------------------------------------------------- the family
-
-_LAYER_SITES = {
-    "hook_attn_lerp": "[batch, pos, d_model] |lambda_1 alpha/init| * (hook_attn_out - ln1.hook_normalized)",
-    "hook_mlp_lerp": "[batch, pos, d_model] |lambda_2 alpha/init| * (hook_mlp_out - ln2.hook_normalized)",
-    "attn.hook_gate": "[batch, pos, head, d_head] sigmoid(gate_proj(h) * (s_gate d_model^0.25/init)^2)",
-    "attn.ln_sub.hook_scale": "[batch, pos, 1] length of the gated z",
-    "attn.ln_sub.hook_normalized": "[batch, pos, head * d_head] unit gated z, the o_proj input",
-    "mlp.ln_sub.hook_scale": "[batch, pos, 1] length of mlp.hook_post",
-    "mlp.ln_sub.hook_normalized": "[batch, pos, d_mlp] unit mlp.hook_post, the down_proj input",
-}
-
-
-class DoryFamily:
-    """Dory on the one-loop core: prelude = the input layers, blocks = the recurrent layers (run
-    `n_loops` times), coda = the output layers. The carry between passes is the last recurrent
-    layer's output `h` (a tensor); each pass starts from `unit(h) + unit(e)`."""
-
-    name = "dory"
-    sites = {
-        "layer": _LAYER_SITES,
-        "pass": {
-            "hook_state_pre": "[batch, pos, d_model] unit(h) + unit(e), the pass's start",
-            "hook_state_post": "[batch, pos, d_model] the pass's output h (not unit)",
-        },
-        "model": {
-            "hook_embed": "[batch, pos, d_model] token embedding (no scale)",
-            "ln_final.hook_scale": "[batch, pos, 1] length of the coda's output",
-            "ln_final.hook_normalized": "[batch, pos, d_model] its unit vector, the lm_head input",
-        },
-    }
-
-    def build(self, model: nn.Module) -> None:
-        """Create Dory's weight modules on `model` (which has `cfg`, a Dory LoopConfig): `embed`,
-        `prelude_blocks`, `blocks`, `coda_blocks`, `rotaries` (one per attention type),
-        `state_norm`, `ln_final`, `unembed` (tied to `embed` when `cfg.tie_embeddings`)."""
-        cfg = model.cfg
-        settings = DorySettings.from_cfg(cfg)
-        model.dory = settings
+    def _build(self, cfg: LoopConfig) -> None:
+        """Embedding, Dory layers in three stacks, one RoPE per attention type, the final sphere
+        norm and the unembedding with its per-token logit scale."""
+        s = self.dory
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()
+        self.rotary = None  # the layers read one RoPE per attention type (`_rope`)
+        self.rotaries = nn.ModuleDict({kind: make_rotary(s.rope[kind], cfg.d_head) for kind in sorted(set(s.layer_types))})
         first_block, first_coda = cfg.n_prelude, cfg.n_prelude + cfg.n_block
-        model.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        model.prelude_blocks = nn.ModuleList(DoryLayer(cfg, settings, i) for i in range(first_block))
-        model.blocks = nn.ModuleList(DoryLayer(cfg, settings, first_block + i) for i in range(cfg.n_block))
-        model.coda_blocks = nn.ModuleList(DoryLayer(cfg, settings, first_coda + i) for i in range(cfg.n_coda))
-        model.rotaries = nn.ModuleDict({
-            kind: make_rotary(settings.rope[kind], cfg.d_head) for kind in sorted(set(settings.layer_types))
-        })
-        model.state_norm = SphereNorm()
-        model.ln_final = HookedSphereNorm()
-        model.unembed = DoryUnembed(cfg.d_model, cfg.d_vocab, settings.initializer_range)
+        self.prelude_blocks = nn.ModuleList(DoryLayer(cfg, s, i) for i in range(first_block))
+        self.prelude = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_prelude))
+        self.blocks = nn.ModuleList(DoryLayer(cfg, s, first_block + i) for i in range(cfg.n_block))
+        self.injection = self.exit_gate = None
+        self.state_norm = SphereNorm()  # unit(h) and unit(e) at each pass's start
+        self.coda_blocks = nn.ModuleList(DoryLayer(cfg, s, first_coda + i) for i in range(cfg.n_coda))
+        self.coda = nn.ModuleList(BlockHooks(cfg) for _ in range(cfg.n_coda))
+        self.ln_final = HookedSphereNorm()
+        self.hook_latent = HookPoint()
+        self.unembed = DoryUnembed(cfg.d_model, cfg.d_vocab, s.initializer_range)
         if cfg.tie_embeddings:
-            model.unembed.weight = model.embed.weight
+            self.unembed.weight = self.embed.weight
 
-    @staticmethod
-    def rope(model: nn.Module, positions: Int[Tensor, "batch pos"] | int, device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
-        """(cos, sin) per attention type: for `positions` = a length S (positions 0..S-1, as
-        transformers' forward without position_ids) or per-row positions [batch, pos]."""
-        if isinstance(positions, int):
-            return {kind: rot(positions, device) for kind, rot in model.rotaries.items()}
-        return {kind: rot.at(positions) for kind, rot in model.rotaries.items()}
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding with the per-token logit scale folded in: logits = unit(x) @ W_U."""
+        return (self.unembed.weight.T.float() * self.unembed.token_scale()).to(self.unembed.weight.dtype)
 
-    def embed(self, model: nn.Module, run: Any) -> Tensor:
-        return model.hook_embed(model.embed(run.tokens))
+    def _rope(self, S: int, device: torch.device, positions: Optional[Tensor] = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """(cos, sin) per attention type, for positions 0..S-1 or per-row `positions` [batch, pos]."""
+        if positions is None:
+            return {kind: rot(S, device) for kind, rot in self.rotaries.items()}
+        return {kind: rot.at(positions) for kind, rot in self.rotaries.items()}
 
-    def begin(self, model: nn.Module, run: Any, e: Tensor) -> Tensor:
-        """The carry entering pass 0: the prelude's output itself (pass 0 starts from 2 unit(e))."""
-        return e
-
-    def step(self, model: nn.Module, run: Any, t: int, carry: Tensor, e: Tensor, hooks: Any) -> Tensor:
-        x = hooks.hook_state_pre(model.state_norm(carry) + model.state_norm(e))
-        for layer, block in enumerate(model.blocks):
-            x = run.layer(("iter", t, layer), block, hooks.blocks[layer], x)
+    def _pass(self, run: Run, t: int, h: Tensor, e: Tensor, hooks: Any) -> Tensor:
+        """Pass t: start from unit(h) + unit(e), run the recurrent layers."""
+        x = hooks.hook_state_pre(self.state_norm(h) + self.state_norm(e))
+        for layer, blk in enumerate(self.blocks):
+            x = run.layer(("iter", t, layer), blk, hooks.blocks[layer], x)
         return hooks.hook_state_post(x)
 
-    def gate(self, model: nn.Module, run: Any, t: int, carry: Tensor, hooks: Any) -> None:
-        return None  # Dory has no exit gate
+    def measured_state(self, x: Tensor, kind: str) -> Tensor:
+        """Residual-stream activations on the unit sphere (every Dory layer and every pass reads
+        only the direction of its input; the length is not part of the state)."""
+        if kind.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_state_post", "hook_latent")):
+            return unit(x)
+        return x
 
-    def state(self, carry: Tensor) -> Tensor:
-        return carry
+    # ------------------------------------------------------------------ generation's KV cache
+    @contextmanager
+    def _options(self, kv_cache_mode: Optional[str] = None) -> Iterator[dict[str, Any]]:
+        """Dory's generation option: `kv_cache_mode=` ("per_loop" or "last_loop"; default the
+        checkpoint's `recurrent_kv_cache_mode`)."""
+        mode = self.dory.kv_cache_mode if kv_cache_mode is None else kv_cache_mode
+        if mode not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache_mode must be one of {list(KV_CACHE_MODES)}, got {mode!r}")
+        before, self._kv_mode = self._kv_mode, mode
+        try:
+            yield {"kv_cache_mode": mode}
+        finally:
+            self._kv_mode = before
 
-    def readout(self, model: nn.Module, run: Any, state: Tensor, hooked: bool) -> Tensor:
-        """The coda, the final sphere norm, lm_head with the per-token logit scale (fp32 logits)."""
-        x = state
-        for layer, block in enumerate(model.coda_blocks):
-            x = run.layer(("coda", layer), block, model.coda[layer] if hooked else NO_HOOKS, x)
-        x = model.ln_final(x) if hooked else model.ln_final(x, NO_HOOKS)
-        return model.unembed(x)
+    def _kv_policy(self, site: tuple, n_loops: int) -> tuple[tuple, bool]:
+        """`last_loop`: a recurrent layer in a pass before the last reads the last pass's cached
+        keys of that layer (plus its own new ones) and appends nothing, as transformers'
+        `DoryPastReader`; `per_loop`: every (pass, layer) its own."""
+        if self._kv_mode == "last_loop" and site[0] == "iter" and site[1] < n_loops - 1:
+            return ("iter", n_loops - 1, *site[2:]), False
+        return site, True
 
-
-
-# --------------------------------------------------------------------------- TEMPORARY driver
-# Everything below stands in for the one-loop core (issue 21) so the family can be tested now;
-# the lead replaces it with the core's model class and deletes it. It runs the family through the
-# interface only: embed -> prelude (run.layer) -> begin -> step per pass -> state -> readout.
-
-
-class _DoryKV:
-    """TEMPORARY: a KV cache per site, as transformers' `generate` keeps Dory's (see
-    docs/families/dory.md). `per_loop`: every (pass, layer) has its own keys and values.
-    `last_loop`: passes before the last read the last pass's cache of that layer (plus their own
-    new keys) and write nothing; the last pass reads and writes it."""
-
-    def __init__(self, mode: str, n_loops: int):
-        self.mode, self.n_loops = mode, n_loops
-        self.store: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def site(self, site: tuple) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        read = write = site
-        if self.mode == "last_loop" and site[0] == "iter" and site[1] < self.n_loops - 1:
-            read, write = ("iter", self.n_loops - 1, site[2]), None
-
-        def kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            if read in self.store:
-                past_k, past_v = self.store[read]
-                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-            if write is not None:
-                self.store[write] = (k, v)
-            return k, v
-
-        return kv
-
-
-@dataclass
-class _DoryRun:
-    """TEMPORARY: the core's run object, reduced to what Dory's layers need."""
-
-    tokens: Tensor
-    mask: Optional[Tensor]
-    rotary: nn.ModuleDict
-    rope: dict[str, tuple[Tensor, Tensor]]
-    kv: Optional[_DoryKV] = None
-
-    def layer(self, site: tuple, block: nn.Module, hooks: Any, x: Tensor, **extra: Any) -> Tensor:
-        kv = self.kv.site(site) if self.kv is not None else None
-        return block(x, hooks, self.rotary, self.rope, self.mask, kv, **extra)
-
-
-class DoryModelLike(HookedRootModule):
-    """TEMPORARY stand-in for the core's model: holds `cfg`, the hook containers (`hook_embed`,
-    `prelude.{l}`, `iter.{t}` for t < `max_loops`, `coda.{l}`) and the weights `DoryFamily.build`
-    creates. `model(tokens, n_loops=, attention_mask=, positions=)` runs `dory_forward`."""
-
-    def __init__(self, cfg: LoopConfig, max_loops: int = 8):
-        super().__init__()
-        self.cfg = cfg
-        self.family = DoryFamily()
-        self.hook_embed = HookPoint()
-        self.prelude = nn.ModuleList(DoryLayerHooks() for _ in range(cfg.n_prelude))
-        self.iter = nn.ModuleDict()
-        self.coda = nn.ModuleList(DoryLayerHooks() for _ in range(cfg.n_coda))
-        self.family.build(self)
-        self.ensure_passes(max(max_loops, cfg.default_loops))
-
-    def ensure_passes(self, n_loops: int) -> None:
-        """Hook containers for passes 0..n_loops-1 (created up front so hooks by name can reach them)."""
-        if all(str(t) in self.iter for t in range(n_loops)):
-            return
-        for t in range(n_loops):
-            if str(t) not in self.iter:
-                self.iter[str(t)] = DoryPassHooks(self.cfg.n_block)
-        self.setup()
-
-    def forward(self, tokens: Tensor, n_loops: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-                positions: Optional[Tensor] = None) -> Tensor:
-        return dory_forward(self, tokens, n_loops, attention_mask=attention_mask, positions=positions)
-
-
-def dory_forward(
-    model_like: DoryModelLike,
-    tokens: Int[Tensor, "batch pos"],
-    n_loops: Optional[int] = None,
-    attention_mask: Optional[Tensor] = None,
-    positions: Optional[Tensor] = None,
-) -> Float[Tensor, "batch pos d_vocab"]:
-    """TEMPORARY end-to-end forward through the family interface; fp32 logits [batch, pos, vocab].
-
-    `n_loops` defaults to the checkpoint's `n_recurrent_loops`. `attention_mask` [batch, pos]
-    (1 = real token) masks padding keys; positions are 0..pos-1 as in transformers' forward
-    without `position_ids`, or `positions` [batch, pos] (e.g. `cumsum(mask) - 1`, as generate)."""
-    n_loops = check_n_loops(n_loops, model_like.cfg.default_loops)
-    _check_inputs(model_like.cfg, tokens, attention_mask, positions)
-    return _run(model_like, tokens, n_loops, attention_mask, positions, None)
-
-
-def _check_inputs(cfg: LoopConfig, tokens: Any, attention_mask: Any, positions: Any) -> None:
-    """TEMPORARY: ValueError naming the argument when tokens, attention_mask or positions are wrong."""
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"tokens must be an integer tensor [batch, pos], got {getattr(tokens, 'shape', type(tokens))}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.d_vocab):
-        raise ValueError(f"tokens must lie in [0, {cfg.d_vocab}), got {int(tokens.min())}..{int(tokens.max())}")
-    for name, value in (("attention_mask", attention_mask), ("positions", positions)):
-        if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != tuple(tokens.shape)):
-            raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, got {getattr(value, 'shape', value)!r}")
-    if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-
-
-def _run(model_like: DoryModelLike, tokens: Tensor, n_loops: int, mask: Optional[Tensor],
-         positions: Optional[Tensor], kv: Optional[_DoryKV]) -> Tensor:
-    """TEMPORARY: embed -> prelude -> begin -> step per pass -> readout, through the family."""
-    family = model_like.family
-    model_like.ensure_passes(n_loops)
-    rope = family.rope(model_like, tokens.shape[1] if positions is None else positions.long(), tokens.device)
-    run = _DoryRun(tokens, mask, model_like.rotaries, rope, kv)
-    x = family.embed(model_like, run)
-    for layer, block in enumerate(model_like.prelude_blocks):
-        x = run.layer(("prelude", layer), block, model_like.prelude[layer], x)
-    e = x
-    carry = family.begin(model_like, run, e)
-    for t in range(n_loops):
-        carry = family.step(model_like, run, t, carry, e, model_like.iter[str(t)])
-    return family.readout(model_like, run, family.state(carry), hooked=True)
-
-
-@torch.no_grad()
-def dory_generate(
-    model_like: DoryModelLike,
-    tokens: Int[Tensor, "batch pos"],
-    max_new_tokens: int,
-    n_loops: Optional[int] = None,
-    attention_mask: Optional[Tensor] = None,
-    kv_cache_mode: Optional[str] = None,
-    use_cache: bool = True,
-) -> Int[Tensor, "batch pos_out"]:
-    """TEMPORARY greedy generation as transformers' `generate` does it for Dory: positions
-    `cumsum(mask) - 1` (0 on padding), then one more per new token; with `use_cache`, a KV cache
-    in `kv_cache_mode` (default: the checkpoint's `recurrent_kv_cache_mode`), else every step
-    recomputes the whole sequence. Returns the prompt followed by the new tokens."""
-    cfg = model_like.cfg
-    n_loops = check_n_loops(n_loops, cfg.default_loops)
-    max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
-    mode = model_like.dory.kv_cache_mode if kv_cache_mode is None else kv_cache_mode
-    if mode not in KV_CACHE_MODES:
-        raise ValueError(f"kv_cache_mode must be one of {list(KV_CACHE_MODES)}, got {mode!r}")
-    _check_inputs(cfg, tokens, attention_mask, None)
-    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(tokens.dtype)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    kv = _DoryKV(mode, n_loops) if use_cache else None
-    out = tokens
-    logits = _run(model_like, tokens, n_loops, mask, positions, kv)
-    for step in range(max_new_tokens):
-        new = logits[:, -1].argmax(-1, keepdim=True).to(tokens.dtype)
-        out = torch.cat([out, new], dim=1)
-        mask = torch.cat([mask, torch.ones_like(new)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-        if step == max_new_tokens - 1:
-            break
-        if kv is not None:
-            logits = _run(model_like, new, n_loops, mask, positions[:, -1:], kv)
-        else:
-            logits = _run(model_like, out, n_loops, mask, positions, None)
-    return out
+    def _additivity_breaks(self, per_head: bool) -> list[str]:
+        return ["Dory's nGPT layers put the residual back on the unit sphere at every sublayer (h + rate * (a - h) "
+                "from unit inputs), and every pass starts from unit(h) + unit(e)"]
