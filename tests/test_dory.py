@@ -533,3 +533,149 @@ def test_bad_tensors_name_the_tensor_and_change_nothing(tmp_path):
     assert any(issubclass(w.category, UnexpectedTensorsWarning) and "something_else" in str(w.message) for w in caught)
     with pytest.raises(LoadError, match="does not exist"):
         ll.load(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- stop_at_layer, saving
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_stop_at_layer_is_the_input_of_that_layer(seed, tmp_path):
+    """`stop_at_layer=k` returns the residual entering unrolled layer k, as transformers' layer
+    receives it (prelude, every pass of the recurrent layers, coda); the full depth returns the
+    last layer's output, before the final sphere norm."""
+    hf, ours, _ = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 600)
+    n_loops = 2 + seed % 2
+    recorded, handles = _record(hf)
+    try:
+        hf_logits(hf, ids, n_loops)
+    finally:
+        for h in handles:
+            h.remove()
+    cfg = ours.cfg
+    order = [(l, 0) for l in range(cfg.n_prelude)]
+    order += [(cfg.n_prelude + l, t) for t in range(n_loops) for l in range(cfg.n_block)]
+    order += [(cfg.n_prelude + cfg.n_block + l, 0) for l in range(cfg.n_coda)]
+    depth = ours.schedule(n_loops).depth
+    assert depth == len(order)
+    for k, (index, call) in enumerate(order):
+        with torch.no_grad():
+            got = ours(ids, n_loops=n_loops, stop_at_layer=k)
+        close(got, recorded[("resid_pre", index)][call], 1e-5, f"stop_at_layer={k}")
+    with torch.no_grad():
+        close(ours(ids, n_loops=n_loops, stop_at_layer=depth), recorded[("resid_post", order[-1][0])][-1], 1e-5, "full depth")
+        close(ours(ids, n_loops=n_loops, stop_at_layer=-1), recorded[("resid_pre", order[-1][0])][-1], 1e-5, "-1")
+
+
+def test_native_save_loads_back(tmp_path):
+    """`model.save` writes the native format (Dory's switches in loop_config.json's extra), which
+    `ll.load` builds as a Dory model again, with the same logits."""
+    hf, ours, _ = make_pair(6, tmp_path)
+    ids = tokens_for(hf, 6)
+    ours.save(tmp_path / "native")
+    again = ll.load(tmp_path / "native")
+    assert type(again) is type(ours) and again.dory == ours.dory
+    with torch.no_grad():
+        assert torch.equal(again(ids, n_loops=3), ours(ids, n_loops=3))
+
+
+# --------------------------------------------------------------------------- analyses on the sphere
+
+
+def _unit(x):
+    return x / x.float().norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_step_sizes_fixed_points_and_cyclic_similarity_on_the_sphere(seed, tmp_path):
+    """The geometric analyses measure Dory's residual on the unit sphere (what every layer and pass
+    reads): the step, the fixed-point distance and the cyclic cosine are those of unit(X)
+    computed here by hand; streaming gives the cache's numbers."""
+    from loop_lens import analysis as A
+
+    hf, ours, _ = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 700, batch=2, pos=7)
+    T = 6
+    with torch.no_grad():
+        _, cache = ours.run_with_cache(ids, n_loops=T)
+    X = torch.stack([torch.stack([cache[f"iter.{t}.blocks.{l}.hook_resid_post"] for l in range(ours.cfg.n_block)])
+                     for t in range(T)]).float()  # [T, L, B, S, D]
+    assert not torch.allclose(X.norm(dim=-1), torch.ones(()))  # the raw residual is not unit: the projection matters
+    U = _unit(X)
+    steps = A.step_sizes(cache)
+    close(steps.norm[1:], (U[1:] - U[:-1]).flatten(-2).norm(dim=-1), 1e-5, "step norm")
+    close(steps.per_token[1:], (U[1:] - U[:-1]).norm(dim=-1), 1e-5, "per-token step")
+    close(steps.relative[1:], (U[1:] - U[:-1]).flatten(-2).norm(dim=-1) / ids.shape[1] ** 0.5, 1e-5, "relative step")
+    fp = A.fixed_points(cache)
+    close(fp.distance, (U - U[-1:]).flatten(-2).norm(dim=-1), 1e-5, "fixed-point distance")
+    cyc = A.cyclic_similarity(cache)
+    flat = U.flatten(3).reshape(T * ours.cfg.n_block, 2, -1)
+    flat = flat / flat.norm(dim=-1, keepdim=True)
+    close(cyc.matrix, torch.einsum("ibd,jbd->ijb", flat, flat).mean(-1), 1e-5, "cyclic cosine")
+    streamed = A.stream_analyses(ours, ids, n_loops=T, attention=False, lens_positions=None)
+    close(streamed.steps.norm[1:], steps.norm[1:], 1e-5, "streaming = cache")
+    traj = A.pca_trajectory(cache)
+    assert traj.coords.shape[:2] == (T, ours.cfg.n_block)
+    plain = ll.load("zoo:tiny-random")
+    x = torch.randn(2, 3, plain.cfg.d_model)
+    assert torch.equal(plain.measured_state(x, "hook_resid_post"), x)  # other families measure states as they are
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_lenses_read_the_per_token_logit_scale(seed, tmp_path):
+    """The logit lens of the last layer's output is the model's logits (the final sphere norm and
+    lm_head with its per-token logit scale); the coda lens of the last pass's state is too, at
+    every loop count; the unembedding matrix W_U includes the scale."""
+    from loop_lens import analysis as A
+
+    hf, ours, _ = make_pair(seed, tmp_path)
+    ids = tokens_for(hf, seed + 800)
+    T = 3
+    with torch.no_grad():
+        logits, cache = ours.run_with_cache(ids, n_loops=T)
+        last = f"coda.{ours.cfg.n_coda - 1}" if ours.cfg.n_coda else f"iter.{T - 1}.blocks.{ours.cfg.n_block - 1}"
+        close(A.LogitLens(ours)(cache[f"{last}.hook_resid_post"], f"{last}.hook_resid_post"), logits, 1e-5, "logit lens")
+        close(A.CodaLens(ours)(cache[f"iter.{T - 1}.hook_state_post"], f"iter.{T - 1}.hook_state_post"), logits, 1e-5, "coda lens")
+        states = A.coda_lens(ours, cache)
+        close(states.logits[-1], logits, 1e-5, "coda lens of states")
+        for t in range(T - 1):
+            close(states.logits[t], hf_logits(hf, ids, t + 1), 1e-4, f"coda lens at t={t} = the model run t+1 loops")
+        unit_last = cache["ln_final.hook_normalized"]
+        close((unit_last.float() @ ours.W_U.float()), logits, 1e-5, "W_U has the logit scale")
+    scale = ours.unembed.token_scale()
+    assert not torch.allclose(scale, scale.mean().expand_as(scale))  # perturbed per token
+
+
+def test_additivity_breaks_name_the_sphere(tmp_path):
+    _, ours, _ = make_pair(0, tmp_path)
+    with torch.no_grad():
+        _, cache = ours.run_with_cache(torch.tensor([[1, 2, 3]]), n_loops=2)
+    with pytest.raises(Exception, match="unit sphere"):
+        cache.decompose_resid()
+
+
+def _word_tokenizer(folder: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_report_runs_on_a_dory_checkpoint(tmp_path, capsys):
+    """`loop-lens report DIR` on a save_pretrained Dory folder (with a tokenizer.json) writes the
+    HTML and JSON report over the run's loops."""
+    from loop_lens.cli import main
+
+    hf, _, folder = make_pair(5, tmp_path)
+    _word_tokenizer(folder, hf.config.vocab_size)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w4 w5 w6\nw7 w8 w9 w10\n")
+    code = main(["report", str(folder), "--prompts-file", str(prompts), "--n-loops", "4", "--out", str(tmp_path / "r.html"),
+                 "--json", str(tmp_path / "r.json"), "--quiet", "--generate", "3"])
+    assert code in (0, None)
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    layout = f"({hf.config.n_input_layers}, {hf.config.n_recurrent_layers} x 4, {hf.config.n_output_layers})"
+    assert numbers["meta"]["layout"].startswith(layout), numbers["meta"]["layout"]
+    assert len(numbers["head_stability"]) == hf.config.n_recurrent_layers * hf.config.num_attention_heads
+    assert "Head stability" in (tmp_path / "r.html").read_text()
