@@ -318,6 +318,10 @@ def test_hook_names(tmp_path):
     assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
     assert {"hook_embed", "iter.0.hook_state_pre", "iter.0.hook_state_post", "ln_final.hook_scale", "hook_latent"} <= set(names)
     assert not any("hook_injected" in n or "exit_logit" in n for n in names)
+    assert ll.hook_name("attn_lerp", layer=0, iteration=1) == "iter.1.blocks.0.hook_attn_lerp"
+    assert ll.hook_name("mlp_lerp", layer=0, phase="coda") == "coda.0.hook_mlp_lerp"
+    with pytest.raises(ValueError):  # a norm nested in attn / mlp gets no short kind (it is named by its path)
+        ll.hook_name("scale", layer=0, iteration=0)
     plain = ll.load("zoo:tiny-random").hook_names(2)
     assert not any("lerp" in n or "ln_sub" in n for n in plain)
 
