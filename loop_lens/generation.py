@@ -217,7 +217,8 @@ class _StepRun(Run):
         ones) and return each row's iterations."""
         for t in range(self.n_loops):
             for tail, kv in self.last.items():
-                self.commits.setdefault(("iter", t, *tail), kv)
+                if self.model._kv_policy(("iter", t, *tail), self.n_loops)[1]:  # a site that reads another's never writes
+                    self.commits.setdefault(("iter", t, *tail), kv)
         self.cache.commit(self.commits, new_mask)
         if self.known is not None and not self.deciding:
             return self.known.max(dim=1).values

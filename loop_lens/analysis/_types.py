@@ -34,6 +34,9 @@ class LoopedModel(Protocol):
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits from a state leaving an iteration: post-loop norm, coda, final norm, unembedding."""
 
+    def measured_state(self, x: Tensor, kind: str) -> Tensor:
+        """An activation of hook kind `kind` as the geometric analyses measure it."""
+
     def ensure_loops(self, n_loops: int) -> None:
         """Create the hook points of iterations 0..n_loops-1."""
 

@@ -27,9 +27,11 @@ EPS = 1e-12
 def block_states(
     cache: LoopCache, kind: str = "hook_resid_post", mask: Optional[Mask] = None, name: str = "cache"
 ) -> Float[Tensor, "T L B S D"]:
-    """One hook kind over (iteration, block layer), in fp32, padded positions zeroed; the cache
-    (called `name` in errors) and the mask are checked first."""
-    x = _checks.loop_cache(cache, name).stack(kind).float()
+    """One hook kind over (iteration, block layer), in fp32, as the model measures its states
+    (`model.measured_state`: on the unit sphere for nGPT models), padded positions zeroed; the
+    cache (called `name` in errors) and the mask are checked first."""
+    cache = _checks.loop_cache(cache, name)
+    x = cache.model.measured_state(cache.stack(kind).float(), kind)
     _checks.not_empty(x.shape[2], x.shape[3], name)
     mask = _checks.mask_for(mask, x.shape[2], x.shape[3], x.device, holder=name)
     if mask is not None:

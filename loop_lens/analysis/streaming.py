@@ -31,7 +31,8 @@ from loop_lens.model.names import parse_hook_name
 class _Steps:
     """Running step sizes of one hook kind over (iteration, layer), kept on `device`."""
 
-    def __init__(self, T: int, L: int, B: int, S: int, mask: Optional[Tensor], device: torch.device):
+    def __init__(self, T: int, L: int, B: int, S: int, mask: Optional[Tensor], device: torch.device,
+                 measure: Any = None, kind: str = ""):
         def nans(*shape: int) -> Tensor:
             return torch.full(shape, float("nan"), device=device)
 
@@ -39,10 +40,13 @@ class _Steps:
         self.per_token, self.per_token_cos = nans(T, L, B, S), nans(T, L, B, S)
         self.prev: dict[int, Tensor] = {}
         self.mask = mask
+        self.measure, self.kind = measure, kind  # the model's measured_state, and the hook kind it reads
 
     def update(self, t: int, layer: int, x: Tensor) -> None:
         """Record the step from the previous iteration's `x` at this layer."""
         x = x.detach().float()
+        if self.measure is not None:
+            x = self.measure(x, self.kind)
         if self.mask is not None:
             x = x * self.mask[:, :, None].float()
         prev = self.prev.get(layer)
@@ -154,11 +158,11 @@ def stream_analyses(
     def in_loop(suffix: str):
         return lambda name: name.startswith("iter.") and name.endswith(suffix)
 
-    out_steps = _Steps(T, L, B, S, mask, device) if fixed_point else None
+    out_steps = _Steps(T, L, B, S, mask, device, model.measured_state, "hook_resid_post") if fixed_point else None
     if fixed_point:
         hooks.append((in_loop("hook_resid_post"), lambda x, hook: out_steps.update(*locate(hook.name), x)))
     if attention:
-        in_steps = _Steps(T, L, B, S, mask, device)
+        in_steps = _Steps(T, L, B, S, mask, device, model.measured_state, "hook_resid_pre")
         buf = {k: torch.full((T, L, B, H), float("nan"), device=device) for k in ATTENTION_COLUMNS}
         types = {k: torch.full((T, L, B, H), float("nan"), device=device) for k in att.HEAD_TYPES}
         prev_pattern: dict[int, Tensor] = {}

@@ -53,7 +53,8 @@ class Trajectory(Result):
 
 def pca_trajectory(cache: LoopCache, position: int = -1, batch: int = 0, n_components: int = 3, kind: str = "hook_resid_post") -> Trajectory:
     """PCA (centred SVD) of the states of one token over every (iteration, block layer)."""
-    states = _checks.loop_cache(cache).stack(kind)  # [T, L, B, S, D]
+    cache = _checks.loop_cache(cache)
+    states = cache.model.measured_state(cache.stack(kind), kind)  # [T, L, B, S, D], as the model measures states
     B, S = states.shape[2:4]
     _checks.not_empty(B, S)
     position = _checks.index(position, "position", S, "positions")

@@ -499,6 +499,10 @@ class LowStackModel:
     def W_U(self) -> Tensor:
         return self.model.W_U
 
+    def measured_state(self, x: Tensor, kind: str) -> Tensor:
+        """As the model measures its states."""
+        return self.model.measured_state(x, kind)
+
     def finish(self, state: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Logits read from an L-stack state as from z_H: the unembedding of the (normed) state."""
         return self.model.finish(state, attention_mask)

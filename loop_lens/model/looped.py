@@ -722,6 +722,13 @@ class HookedLoopedTransformer(HookedRootModule):
             return None
         return self.rotary(S, device) if positions is None else self.rotary.at(positions)
 
+    def measured_state(self, x: Tensor, kind: str) -> Tensor:
+        """An activation of hook kind `kind` as the geometric analyses (step sizes, fixed points,
+        cyclic similarity, trajectories, streaming steps) measure it: as it is. A family whose
+        layers read only the direction of the residual stream (nGPT) returns it on the unit
+        sphere, so a change of length the next layer discards is not counted as a step."""
+        return x
+
     def _state_shape(self, batch: int, pos: int) -> tuple[int, int, int]:
         """The shape of the state a pass carries, as `initial_state=` must give it (a family whose
         state has its own width says so)."""

@@ -32,9 +32,9 @@ class Site(NamedTuple):
     @property
     def short(self) -> str:
         """The short kind `hook_name` accepts (`"pattern"` for `attn.hook_pattern`); norm hooks
-        (`ln1.hook_scale`) have none and are named by their path."""
+        (`ln1.hook_scale`, `attn.ln_sub.hook_scale`) have none and are named by their path."""
         *parents, leaf = self.path.split(".")
-        if (parents and parents[0] not in ("attn", "mlp")) or not leaf.startswith("hook_"):
+        if len(parents) > 1 or (parents and parents[0] not in ("attn", "mlp")) or not leaf.startswith("hook_"):
             return ""
         return leaf.removeprefix("hook_")
 
