@@ -4,7 +4,7 @@ recurrent state of its own width, a projection `C` back to the model width, and 
 What it computes (the formulas are in `docs/families/parcae.md`)::
 
     x = wte(tokens) * emb_scale                         hook_embed
-    x = prelude(x)  [; x = ln_prelude(x)]  ->  e        prelude.{l}.*, ln_prelude.*
+    x = prelude(x)  [; x = ln_prelude(x)]  ->  e        prelude.{l}.*, ln_prelude.*, hook_prelude_out
     s = initial state (like-init / zero / normal / embed / unit), width d_state
     for t in range(T):                                  iter.{t}.hook_state_pre
         s = state_term(s) + input_term(e)               iter.{t}.hook_state_term, hook_input_term, hook_injected
@@ -502,6 +502,7 @@ class ParcaeHooks(nn.Module):
         self.prelude = nn.ModuleList(ParcaeBlockHooks(("prelude", i) in sites, gated) for i in range(s.n_prelude))
         if s.prelude_norm:
             self.ln_prelude = NormHooks()
+        self.hook_prelude_out = HookPoint()  # [batch, pos, d_model]: e, injected at every recurrence
         self.iter = nn.ModuleDict()
         self.hook_projected = HookPoint()  # [batch, pos, d_model]: C(state), the coda's input
         self.coda = nn.ModuleList(ParcaeBlockHooks(("coda", i) in sites, gated) for i in range(s.n_coda))
@@ -533,7 +534,7 @@ class ParcaeFamily:
     sites = {
         "layer": ("attn.hook_ve_gate", "attn.hook_ve"),  # value-embedding layers only
         "pass": ("hook_state_term", "hook_input_term"),
-        "model": ("ln_prelude.hook_scale", "ln_prelude.hook_normalized", "hook_projected"),
+        "model": ("ln_prelude.hook_scale", "ln_prelude.hook_normalized", "hook_prelude_out", "hook_projected"),
     }
 
     def __init__(self, settings: ParcaeSettings):
@@ -589,13 +590,14 @@ class ParcaeFamily:
 
     def prelude(self, model: nn.Module, run: Any, x: Tensor, hooked: Any) -> Tensor:
         """The prelude layers (`prelude.{l}.*`), then ln_prelude (`ln_prelude.*`) when prelude_norm:
-        e, the tensor injected at every recurrence. `hooked` is the run's root hook container."""
+        e (`hook_prelude_out`), the tensor injected at every recurrence. `hooked` is the run's root
+        hook container."""
         prelude_hooks = _hp(hooked, "prelude")
         for i, block in enumerate(model.prelude_blocks):
             x = run.layer(("prelude", i), block, prelude_hooks[i], x, **self.layer_extra(model, run, "prelude", i))
         if model.ln_prelude is not None:
             x = model.ln_prelude(x, _hp(hooked, "ln_prelude"))
-        return x
+        return _hp(hooked, "hook_prelude_out")(x)
 
     def begin(self, model: nn.Module, run: Any, e: Tensor) -> Tensor:
         """The state entering pass 0: `run.initial_state` when given, otherwise a draw by the
