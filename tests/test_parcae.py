@@ -1,0 +1,439 @@
+"""Parcae: the family module and adapter against the golden fixture (made with the official code)
+and against an independent reference forward (`parcae_reference.py`) on random configurations
+written in the official on-disk layout.
+
+Tolerances from looped-architectures.md: fp32, max abs difference <= 1e-4 on logits, <= 1e-5
+relative (to the tensor's largest magnitude) on hidden states. Random configurations have larger
+logits than the fixture, so there the logit bound is 1e-4 * max(1, max |logit|).
+
+The model runs through the TEMPORARY driver `parcae_forward` (the family's interface methods in
+the order the one-loop core will call them) until the core lands.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+
+import parcae_configs as pc
+import parcae_reference as ref
+import pytest
+import torch
+from conftest import golden
+from safetensors.torch import load_file
+
+from loop_lens.adapters.parcae import init_scalars, load_parcae, read_parcae_config
+from loop_lens.errors import LoadError, UnexpectedTensorsWarning
+from loop_lens.families.parcae import (
+    ParcaeFamily,
+    draw_initial_state,
+    parcae_forward,
+    plain_call_schedule,
+)
+
+N_DRAWS = 48
+
+
+def assert_logits(actual: torch.Tensor, expected: torch.Tensor, scaled: bool = False) -> None:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    bound = 1e-4 * (max(1.0, expected.abs().max().item()) if scaled else 1.0)
+    diff = (actual.float() - expected).abs().max().item()
+    assert diff <= bound, (diff, bound)
+
+
+def assert_hidden(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    rel = ((actual.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+    assert rel <= 1e-5, rel
+
+
+def run_cached(model, tokens, n_loops=None, **kwargs):
+    """Logits and every hook point's activation (by name) of one driver run."""
+    hooks = model.family.make_hooks(n_loops or 0)
+    cache = {}
+
+    def attach():
+        for name, hp in hooks.hook_points().items():
+            if not hp._forward_hooks:
+                hp.add_hook(lambda act, hook, name=name: cache.__setitem__(name, act.detach().clone()))
+
+    attach()
+    hooks_ensure = hooks.ensure
+
+    def ensure(n):  # hook the passes the run adds
+        hooks_ensure(n)
+        attach()
+
+    hooks.ensure = ensure
+    logits = parcae_forward(model, tokens, n_loops, hooks=hooks, **kwargs)
+    return logits, cache
+
+
+# ---------------------------------------------------------------------------------------------------
+# The golden fixture
+# ---------------------------------------------------------------------------------------------------
+
+SEED = 777  # torch.manual_seed before each official forward (expected.json: initial_state_draw)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    path = golden("parcae-tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnexpectedTensorsWarning)  # every tensor is used or known-unused
+        model = load_parcae(path)
+    description = json.loads((path / "expected.json").read_text())
+    return model, load_file(str(path / "expected.safetensors")), description
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny):
+    """Cached runs at 1..5 recurrences, each from the official seed."""
+    model, exp, _ = tiny
+    runs = {}
+    for t in range(1, 6):
+        torch.manual_seed(SEED)
+        runs[t] = run_cached(model, exp["input_ids"], t)
+    return runs
+
+
+COMPARED = set()  # the expected.json tensors compared below; test_every_tensor_compared checks it
+
+
+def compares(*names):
+    COMPARED.update(names)
+    return lambda f: f
+
+
+@compares("input_ids", "initial_state")
+def test_fixture_initial_state_draw(tiny, tiny_runs):
+    """The like-init draw from the global RNG after manual_seed(777) is the official x_0, and every
+    run starts from it (iter.0.hook_state_pre)."""
+    model, exp, _ = tiny
+    assert exp["input_ids"].dtype == torch.int64
+    torch.manual_seed(SEED)
+    x0 = draw_initial_state(model.settings, (2, 11, 64), torch.float32, "cpu")
+    assert torch.equal(x0, exp["initial_state"])
+    for _, cache in tiny_runs.values():
+        assert torch.equal(cache["iter.0.hook_state_pre"], exp["initial_state"])
+
+
+@compares("embeddings", "prelude_layer_outputs", "prelude_output")
+def test_fixture_prelude(tiny, tiny_runs):
+    _, exp, _ = tiny
+    _, cache = tiny_runs[5]
+    assert_hidden(cache["hook_embed"], exp["embeddings"])
+    for i in range(2):
+        assert_hidden(cache[f"prelude.{i}.hook_resid_post"], exp["prelude_layer_outputs"][i])
+    assert_hidden(cache["hook_prelude_out"], exp["prelude_output"])
+
+
+@compares("recurrent_states", "injected_states", "core_layer_outputs")
+def test_fixture_every_recurrence(tiny, tiny_runs):
+    """States x_0..x_5, injections and every core layer at every recurrence (the 5-step run)."""
+    _, exp, _ = tiny
+    _, cache = tiny_runs[5]
+    for t in range(5):
+        assert_hidden(cache[f"iter.{t}.hook_state_pre"], exp["recurrent_states"][t])
+        assert_hidden(cache[f"iter.{t}.hook_injected"], exp["injected_states"][t])
+        assert_hidden(cache[f"iter.{t}.hook_state_term"] + cache[f"iter.{t}.hook_input_term"], exp["injected_states"][t])
+        for j in range(2):
+            assert_hidden(cache[f"iter.{t}.blocks.{j}.hook_resid_post"], exp["core_layer_outputs"][t, j])
+        assert_hidden(cache[f"iter.{t}.hook_state_post"], exp["recurrent_states"][t + 1])
+
+
+@compares("projected_states", "coda_layer_outputs", "final_norm_outputs", "logits_by_steps")
+def test_fixture_readout_per_count(tiny, tiny_runs):
+    """For every count 1..5: C(x_t), the coda layers, ln_f (its hook sits before the weight), logits."""
+    model, exp, _ = tiny
+    for t, (logits, cache) in tiny_runs.items():
+        assert_hidden(cache["hook_projected"], exp["projected_states"][t - 1])
+        for i in range(2):
+            assert_hidden(cache[f"coda.{i}.hook_resid_post"], exp["coda_layer_outputs"][t - 1, i])
+        assert_hidden(cache["ln_final.hook_normalized"] * model.ln_final.weight, exp["final_norm_outputs"][t - 1])
+        assert_logits(logits, exp["logits_by_steps"][t - 1])
+
+
+@compares("logits_default", "logits_steps_1", "logits_steps_5")
+def test_fixture_default_and_unhooked(tiny):
+    """model(tokens) runs mean_recurrence (4); unhooked runs (SDPA) equal the cached ones."""
+    model, exp, _ = tiny
+    assert model.settings.mean_recurrence == 4
+    for n_loops, key in ((None, "logits_default"), (1, "logits_steps_1"), (5, "logits_steps_5")):
+        torch.manual_seed(SEED)
+        assert_logits(model(exp["input_ids"], n_loops), exp[key])
+
+
+@compares("logits_plain_call", "plain_call_depths")
+def test_fixture_plain_call(tiny):
+    """sampled_depths=True reproduces the official plain call: per-row Poisson depths [2, 3]."""
+    model, exp, _ = tiny
+    passes, masks, depths = plain_call_schedule(model.settings, 2, 11)
+    assert torch.equal(depths, exp["plain_call_depths"])
+    assert passes == 3 and len(masks) == 3
+    torch.manual_seed(SEED)
+    assert_logits(parcae_forward(model, exp["input_ids"], sampled_depths=True), exp["logits_plain_call"])
+    # the rows really ran different depths: each row equals our own run at its depth
+    torch.manual_seed(SEED)
+    plain = parcae_forward(model, exp["input_ids"], sampled_depths=True)
+    for row, t in ((0, 2), (1, 3)):
+        torch.manual_seed(SEED)
+        assert_logits(plain[row], model(exp["input_ids"], t)[row])
+
+
+def test_every_tensor_compared(tiny):
+    """Every tensor expected.json describes is compared above, and nothing else is claimed."""
+    _, exp, description = tiny
+    assert set(description["tensors"]) == set(exp) == COMPARED
+
+
+def test_fixture_value_embedding_usage(tiny):
+    """The parity rules give the fixture's value-embedding layers (prelude.1, core_block.1, coda.1)."""
+    model, _, description = tiny
+    names = {"prelude": "transformer.prelude", "core": "transformer.core_block", "coda": "transformer.coda"}
+    sites = model.settings.value_embedding_sites()
+    for row in description["value_embedding_usage"]:
+        site = next(s for s in model.settings.layer_ids() if f"{names[s[0]]}.{s[1]}" == row["block"])
+        assert model.settings.layer_ids()[site] == row["layer_id"]
+        assert str(model.settings.value_embedding_index()[site]) == row["value_embeds_key"]
+        assert (site in sites) == row["value_embedding_applied"]
+        assert model.settings.has_gate(site) == row["ve_gate_present"]
+
+
+def test_fixture_hooks_change_nothing_and_patterns(tiny):
+    """A run with every hook point cached (explicit softmax patterns) equals the unhooked SDPA run;
+    patterns are causal distributions; the value-embedding hooks fire on value-embedding layers only."""
+    model, exp, _ = tiny
+    torch.manual_seed(SEED)
+    plain = model(exp["input_ids"], 3)
+    torch.manual_seed(SEED)
+    logits, cache = run_cached(model, exp["input_ids"], 3)
+    assert_logits(logits, plain)
+    pattern = cache["iter.2.blocks.0.attn.hook_pattern"]
+    assert pattern.shape == (2, 4, 11, 11)
+    assert torch.allclose(pattern.sum(-1), torch.ones(2, 4, 11))
+    assert pattern.triu(1).abs().max() == 0
+    assert cache["iter.2.blocks.1.attn.hook_ve_gate"].shape == (2, 11, 4)
+    assert "iter.2.blocks.0.attn.hook_ve" not in cache and "prelude.1.attn.hook_ve" in cache
+    assert not any(name.startswith("iter.3.") for name in cache)
+
+
+def test_hook_edits_propagate(tiny):
+    """A hook that edits the injection's input term changes the run as the formula says: zeroing it
+    leaves x_1 = core(x_0 * decay)."""
+    model, exp, _ = tiny
+    hooks = model.family.make_hooks(1)
+    seen = {}
+    hooks.iter["0"].hook_input_term.add_hook(lambda act, hook: torch.zeros_like(act))
+    hooks.iter["0"].hook_injected.add_hook(lambda act, hook: seen.__setitem__("inj", act.clone()))
+    torch.manual_seed(SEED)
+    parcae_forward(model, exp["input_ids"], 1, hooks=hooks)
+    assert_hidden(seen["inj"], exp["initial_state"] * model.injection.decay())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random configurations against the reference
+# ---------------------------------------------------------------------------------------------------
+
+
+def _draw(i):
+    c = pc.random_config(random.Random(i))
+    return c, pc.random_state_dict(c, i)
+
+
+def _runnable(c, sd) -> bool:
+    """Whether the reference (like the official code) can run the config at all."""
+    try:
+        ids = torch.zeros(1, 2, dtype=torch.long)
+        ref.forward(c, sd, ids, 1, torch.zeros(1, 2, c["recurrent_embedding_dimension"]))
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("i", range(N_DRAWS))
+def test_random_config_matches_reference(tmp_path, i):
+    """One random configuration, written in the official layout, loaded by the adapter and run by
+    the family: x_0 (the state_init rule from a seed), every prelude, core (every pass) and coda
+    layer, the injections, C, and the logits at 1 and mean_recurrence recurrences and of the plain
+    call (per-row / per-token sampled depths) equal the reference's. Configurations the official
+    code cannot run are refused with a LoadError naming why."""
+    c, sd = _draw(i)
+    folder = pc.write_checkpoint(tmp_path / "ckpt", c, sd)
+    if not _runnable(c, sd):
+        with pytest.raises(LoadError, match="value embedding"):
+            load_parcae(folder)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnexpectedTensorsWarning)
+        model = load_parcae(folder)
+    g = torch.Generator().manual_seed(i)
+    ids = torch.randint(0, c["vocab_size"], (2, c["block_size"] - 3), generator=g)
+    shape = (*ids.shape, c["recurrent_embedding_dimension"])
+    for steps in (1, c["mean_recurrence"], None):
+        torch.manual_seed(1000 + i)
+        x0 = ref.initial_state(c, shape)
+        expected = ref.forward(c, sd, ids, steps, x0)
+        torch.manual_seed(1000 + i)
+        if steps is None:
+            logits, cache = run_cached(model, ids, sampled_depths=True)
+            if "depths" in expected:
+                assert torch.equal(plain_call_schedule(model.settings, *ids.shape)[2], expected["depths"])
+        else:
+            logits, cache = run_cached(model, ids, steps)
+        assert torch.equal(cache["iter.0.hook_state_pre"], x0) if "iter.0.hook_state_pre" in cache else True
+        assert_logits(logits, expected["logits"], scaled=True)
+        assert_hidden(cache["hook_embed"], expected["embeddings"])
+        for layer, out in enumerate(expected["prelude"]):
+            assert_hidden(cache[f"prelude.{layer}.hook_resid_post"], out)
+        assert_hidden(cache["hook_prelude_out"], expected["e"])
+        for t in range(len(expected["injected"])):
+            assert_hidden(cache[f"iter.{t}.hook_injected"], expected["injected"][t])
+            for j in range(c["n_layers_in_recurrent_block"]):
+                assert_hidden(cache[f"iter.{t}.blocks.{j}.hook_resid_post"], expected["core"][t, j])
+            assert_hidden(cache[f"iter.{t}.hook_state_post"], expected["states"][t + 1])
+        assert_hidden(cache["hook_projected"], expected["projected"])
+        for layer, out in enumerate(expected["coda"]):
+            assert_hidden(cache[f"coda.{layer}.hook_resid_post"], out)
+
+
+def test_random_draws_cover_the_switches():
+    """The draws reach every documented switch value (so the parametrised test above covers them),
+    and most of them are runnable."""
+    seen: dict[str, set] = {}
+    runnable = 0
+    for i in range(N_DRAWS):
+        c, sd = _draw(i)
+        if not _runnable(c, sd):
+            continue
+        runnable += 1
+        s = read_parcae_config({**c, "_class_name": "ParcaeConfig"})
+        facts = {
+            "norm": s.norm, "mlp": s.mlp, "bias": s.bias, "qk_bias": s.qk_bias, "qk_norm": s.qk_norm,
+            "clip": s.clip_qkv is not None, "prelude_norm": s.prelude_norm, "gqa": s.n_kv_heads < s.n_heads,
+            "state_width": s.d_state != s.d_model, "state_heads": s.n_state_heads != s.n_heads, "tied": s.tie_embeddings,
+            "transposed_head": s.untied_head_transposed, "state_init": s.state_init, "injection": s.injection,
+            "rope": s.use_rope, "softcap": s.logit_softcap is not None, "emb_scale": s.emb_scale != 1,
+            "logit_scale": s.logit_scale != 1, "method": s.iteration_method, "padded": s.d_vocab != s.vocab_size,
+            "ve_core": any(st == "core" for st, _ in s.value_embedding_sites()),
+        }
+        for k, v in facts.items():
+            seen.setdefault(k, set()).add(v)
+    assert runnable >= N_DRAWS // 2
+    assert seen["state_init"] == {"like-init", "zero", "normal", "embed", "unit"}
+    assert seen["injection"] == {"diagonal", "linear", "add"}
+    assert seen["norm"] == {"RMSNorm", "LayerNorm"} and seen["mlp"] == {"BaseMLP", "GatedMLP"}
+    assert seen["method"] == {"per-batch", "per-sequence", "per-token"}
+    assert all(seen[k] == {True, False} for k in seen if k not in ("state_init", "injection", "norm", "mlp", "method")), seen
+
+
+@pytest.mark.parametrize("rule", ["like-init", "zero", "normal", "embed", "unit"])
+def test_initial_state_rules(rule):
+    """Each state_init rule draws what the official initialize_state draws from the same RNG state,
+    with emb_scale applied to like-init (takase-scaled)."""
+    c = {**pc.BASE, "state_init": rule, "init_strategy": "takase-scaled"}
+    s = read_parcae_config({**c, "_class_name": "ParcaeConfig"})
+    assert s.emb_scale == pytest.approx(8.0)
+    torch.manual_seed(5)
+    expected = ref.initial_state(c, (2, 3, 64))
+    torch.manual_seed(5)
+    assert torch.equal(draw_initial_state(s, (2, 3, 64), torch.float32, "cpu"), expected)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(draw_initial_state(s, (2, 3, 64), torch.float32, "cpu", g1),
+                       draw_initial_state(s, (2, 3, 64), torch.float32, "cpu", g2))
+
+
+def test_init_scalars_match_reference():
+    for strategy in ("scaled-zero", "takase", "takase-scaled", "llama-by-dim-ls", "mitchell", "wang", "bert"):
+        c = {**pc.BASE, "init_strategy": strategy}
+        L = c["n_layers_in_prelude"] + c["n_layers_in_coda"] + c["n_layers_in_recurrent_block"] * c["mean_recurrence"]
+        assert init_scalars(strategy, c["n_embd"], L) == pytest.approx(ref.scalars(c), rel=1e-12)
+
+
+def test_family_interface_shape():
+    """The interface the core will call: build creates the named modules; gate is None; state is
+    the carry; sites lists the family's own hook names."""
+    s = read_parcae_config({**pc.BASE, "_class_name": "ParcaeConfig", "recurrent_embedding_dimension": 32, "num_key_value_heads": 2,
+                            "recurrent_num_attention_heads": 2})
+    fam, model = ParcaeFamily(s), torch.nn.Module()
+    fam.build(model)
+    for name in ("embed", "prelude_blocks", "injection", "blocks", "C", "coda_blocks", "ln_final", "unembed"):
+        assert hasattr(model, name)
+    assert model.C.weight.shape == (64, 32) and model.blocks[0].attn.n_heads == 2
+    assert fam.gate(model, None, 0, torch.zeros(1), None) is None
+    carry = torch.randn(1, 2, 32)
+    assert fam.state(carry) is carry
+    assert set(fam.sites) == {"layer", "pass", "model"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tiny_dir(tmp_path, edit_config=None, edit_state=None):
+    c = json.loads(json.dumps(pc.BASE))
+    sd = pc.random_state_dict(c, 0)
+    if edit_config:
+        edit_config(c)
+    if edit_state:
+        edit_state(sd)
+    return pc.write_checkpoint(tmp_path / "bad", c, sd)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(qk_norm="yes"), "'qk_norm'.*true or false"),
+    (lambda c: c.update(n_embd=0), "'n_embd'.*integer >= 1"),
+    (lambda c: c.update(injection_type="gru"), "'injection_type'.*one of"),
+    (lambda c: c.update(state_init="ones"), "'state_init'.*one of"),
+    (lambda c: c.update(norm_class_name="GroupNorm"), "'norm_class_name'"),
+    (lambda c: c.update(nonlin_name="os.system"), "'nonlin_name'"),
+    (lambda c: c.update(mup_model_scaling_factor=2), "'mup_model_scaling_factor'"),
+    (lambda c: c.update(surprise=1), "unknown ParcaeConfig field"),
+    (lambda c: c.update(recurrent_num_attention_heads=8), "'recurrent_num_attention_heads'.*head width"),
+    (lambda c: c.update(use_fused_head="hhe"), "'use_fused_head'"),
+    (lambda c: c.update(norm_eps=-1), "'norm_eps'"),
+    (lambda c: c.update(clip_qkv=float("nan")), "'clip_qkv'"),
+    (lambda c: c.update(init_strategy="magic"), "'init_strategy'"),
+    (lambda c: c.update(sampling_scheme="x-curriculum-soon"), "'sampling_scheme'"),
+    (lambda c: c.update(rope_settings={"use_rope": True, "rope_scaling": 2}), "'rope_settings'"),
+])
+def test_bad_config_fields_are_named(tmp_path, edit, match):
+    with pytest.raises(LoadError, match=match):
+        load_parcae(_tiny_dir(tmp_path, edit_config=edit))
+
+
+def test_bad_class_name(tmp_path):
+    folder = _tiny_dir(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["_class_name"] = "GPTConfig"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match="_class_name"):
+        load_parcae(folder)
+
+
+def test_missing_and_misshapen_tensors(tmp_path):
+    with pytest.raises(LoadError, match="transformer.adapter.B"):
+        load_parcae(_tiny_dir(tmp_path / "a", edit_state=lambda sd: sd.pop("transformer.adapter.B")))
+    with pytest.raises(LoadError, match="transformer.C.weight.*shape"):
+        load_parcae(_tiny_dir(tmp_path / "b", edit_state=lambda sd: sd.update({"transformer.C.weight": torch.zeros(3, 3)})))
+    with pytest.raises(LoadError, match="freqs_cis.*shape"):
+        load_parcae(_tiny_dir(tmp_path / "c", edit_state=lambda sd: sd.update({"freqs_cis": sd["freqs_cis"][:, :5]})))
+    with pytest.raises(LoadError, match="dtype"):
+        load_parcae(_tiny_dir(tmp_path / "d", edit_state=lambda sd: sd.update(
+            {"transformer.wte.weight": sd["transformer.wte.weight"].long()})))
+    with pytest.warns(UnexpectedTensorsWarning, match="stray"):
+        load_parcae(_tiny_dir(tmp_path / "e", edit_state=lambda sd: sd.update({"stray": torch.zeros(1)})))
+
+
+def test_bad_forward_arguments(tiny):
+    model, exp, _ = tiny
+    with pytest.raises(ValueError, match="not both"):
+        parcae_forward(model, exp["input_ids"], 2, sampled_depths=True)
+    with pytest.raises(ValueError, match="tokens must lie"):
+        parcae_forward(model, exp["input_ids"] + 1000, 2)
+    with pytest.raises(ValueError, match="freqs_cis"):
+        parcae_forward(model, torch.zeros(1, 65, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="initial_state"):
+        parcae_forward(model, exp["input_ids"], 1, initial_state=torch.zeros(2, 11, 3))
