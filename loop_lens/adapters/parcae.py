@@ -10,22 +10,21 @@ Every config field is checked (a LoadError names the field); a field missing fro
 the official dataclass default, as the official loaders do. Every tensor the model needs must be
 present with the right shape (the official loaders' `strict=False` would keep a random init).
 
-NOT YET wired into `ll.load` (the lead registers the family with the one-loop core);
-`load_parcae` returns the TEMPORARY `ParcaeModel` holder, run by `parcae_forward`.
+`ll.load(dir)` detects the layout (`_class_name: ParcaeConfig`) and calls `build`; native saves
+of the model (`model.save`) load through the native path like every family's.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from loop_lens.adapters.io import WEIGHT_DTYPES, read_config, read_tensors
-from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
+from loop_lens.adapters.io import WEIGHT_DTYPES, TensorSource, assemble
+from loop_lens.config import LoopConfig
+from loop_lens.errors import ConfigError, LoadError
 from loop_lens.families.parcae import (
     INJECTIONS,
     ITERATION_METHODS,
@@ -33,8 +32,10 @@ from loop_lens.families.parcae import (
     NONLINS,
     NORMS,
     STATE_INITS,
-    ParcaeModel,
+    HookedParcaeTransformer,
     ParcaeSettings,
+    parcae_config,
+    settings_of,
 )
 
 OFFICIAL_DEFAULTS: dict[str, Any] = {
@@ -279,7 +280,7 @@ def official_name(ours: str) -> str:
             return f"{_STAGES[head]}.{layer}.attn.qk_bias"
         return f"{_STAGES[head]}.{layer}.{_BLOCK_PARTS[module]}.{leaf}"
     simple = {"embed.weight": "transformer.wte.weight", "unembed.weight": "lm_head.weight",
-              "rotary.freqs_cis": "freqs_cis"}
+              "rope_table.freqs_cis": "freqs_cis"}
     if ours in simple:
         return simple[ours]
     prefix = {"ln_prelude": "transformer.ln_prelude", "ln_final": "transformer.ln_f", "C": "transformer.C",
@@ -303,63 +304,46 @@ def expected_unused(s: ParcaeSettings) -> set[str]:
     return keys
 
 
-def map_parcae_tensors(model: ParcaeModel, tensors: dict[str, Tensor], origin: str) -> dict[str, Tensor]:
-    """Our state dict from the checkpoint's: every parameter and buffer of `model` (built from
-    the settings, on any device) mapped, shape-checked and float; LoadError naming the tensor
-    otherwise. Unused tensors other than `expected_unused` are reported in one warning."""
-    s = model.settings
-    want = model.state_dict()
+def parcae_mapping(cfg: LoopConfig, src: TensorSource) -> dict[str, tuple[str, Tensor]]:
+    """`{our parameter: (checkpoint tensor, tensor)}` for every parameter and buffer of the
+    config's model (its names from a model built on the meta device). An untied `full-triton`
+    head stored as [d_model, vocab] is transposed, a qk_bias of shape [2, 1, heads, d_head] loses
+    its axis, and a tied head reads `lm_head.weight` (the official load copies it last into the
+    shared tensor). Tensors the official model holds but never uses (`expected_unused`) are
+    marked used; shapes and dtypes are checked by `assemble`."""
+    s = settings_of(cfg)
+    with torch.device("meta"):
+        want = HookedParcaeTransformer(cfg).state_dict()
     if s.tie_embeddings:
         want.pop("unembed.weight")
-    if not s.use_rope:
-        want.pop("rotary.freqs_cis", None)
-    state, used = {}, set(expected_unused(s))
+    src.used.update(k for k in expected_unused(s) if src.has(k))
+    out: dict[str, tuple[str, Tensor]] = {}
     for ours, target in want.items():
-        src = official_name(ours)
-        if s.tie_embeddings and ours == "embed.weight" and "lm_head.weight" in tensors:
-            src = "lm_head.weight"  # the official load copies lm_head.weight last into the shared tensor
-            used.add("transformer.wte.weight")
-        if src not in tensors:
-            raise LoadError(f"missing tensor {src!r} in {origin} (needed for {ours} of this config)")
-        t = tensors[src]
-        used.add(src)
-        if t.dtype not in WEIGHT_DTYPES:
-            raise LoadError(f"tensor {src!r} in {origin} has dtype {t.dtype}; weights must be floating point")
+        theirs = official_name(ours)
+        if s.tie_embeddings and ours == "embed.weight" and src.has("lm_head.weight"):
+            src.used.add("transformer.wte.weight")
+            theirs = "lm_head.weight"
+        if not src.has(theirs):
+            raise LoadError(f"missing tensor {theirs!r} in {src.origin} (needed for {ours} of this config)")
+        t = src.take(theirs)
         if ours.endswith("attn.qk_bias") and tuple(t.shape) == (2, 1, *target.shape[1:]):
             t = t[:, 0]
         if ours == "unembed.weight" and s.untied_head_transposed and tuple(t.shape) == tuple(target.shape[::-1]):
             t = t.T
-        if tuple(t.shape) != tuple(target.shape):
-            raise LoadError(f"tensor {src!r} in {origin} has shape {tuple(t.shape)}, expected {tuple(target.shape)} "
-                            f"for this config")
-        state[ours] = t
-    extra = sorted(set(tensors) - used)
-    if extra:
-        warnings.warn(f"{len(extra)} tensor(s) in {origin} were not used by the parcae adapter: {extra[:8]}",
-                      UnexpectedTensorsWarning, stacklevel=3)
-    return state
+        out[ours] = (theirs, t)
+    return out
 
 
-def load_parcae(path: Union[str, Path], dtype: Optional[torch.dtype] = None,
-                device: Optional[Union[str, torch.device]] = None) -> ParcaeModel:
-    """A Parcae checkpoint folder (config.json + pytorch_model.bin) as the TEMPORARY `ParcaeModel`
-    (run it with `parcae_forward`), in eval mode. Nothing in the folder is executed."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise LoadError(f"{directory} is not a checkpoint folder")
+def build(config: dict[str, Any], src: TensorSource, dtype: Optional[torch.dtype] = None,
+          device: Optional[Union[str, torch.device]] = None, tokenizer: Any = None,
+          origin: str = "config.json") -> HookedParcaeTransformer:
+    """An official Parcae config dict + its tensors -> a HookedParcaeTransformer (in eval mode);
+    LoadError naming the field or tensor for anything the official code would refuse or that does
+    not fit. Nothing in the checkpoint is executed."""
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
-    settings = read_parcae_config(read_config(directory), str(directory / "config.json"))
-    bin_file = directory / "pytorch_model.bin"
-    if not bin_file.is_file() and not (directory / "model.safetensors").is_file():
-        raise LoadError(f"no weights in {directory}: expected pytorch_model.bin (or model.safetensors)")
-    tensors, origin = read_tensors(directory)
-    with torch.device("meta"):
-        model = ParcaeModel(settings)
-    state = map_parcae_tensors(model, tensors, origin)
-    dtype = dtype or state["embed.weight"].dtype
-    state = {k: (v if k == "rotary.freqs_cis" else v.to(dtype)).to(device or "cpu") for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if settings.tie_embeddings:
-        model.unembed.weight = model.embed.weight
-    return model.eval()
+    settings = read_parcae_config(config, origin)
+    name = config.get("name") if isinstance(config.get("name"), str) and config.get("name") else "parcae"
+    cfg = parcae_config(settings, model_name=name)
+    mapped = parcae_mapping(cfg, src)
+    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)

@@ -25,3 +25,4 @@ def model_class(family: str) -> type:
 
 
 register("hrm_text", "loop_lens.families.hrm", "HookedHrmTransformer")
+register("parcae", "loop_lens.families.parcae", "HookedParcaeTransformer")

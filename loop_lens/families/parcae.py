@@ -1,5 +1,6 @@
-"""Parcae (SandyResearch, "Parcae: Stable Looped Language Models"): a prelude, a looped core on a
-recurrent state of its own width, a projection `C` back to the model width, and a coda.
+"""HookedParcaeTransformer: Parcae (SandyResearch, "Parcae: Stable Looped Language Models") on the
+one-loop core: a prelude, a looped core on a recurrent state of its own width, a projection `C`
+back to the model width, and a coda.
 
 What it computes (the formulas are in `docs/families/parcae.md`)::
 
@@ -12,22 +13,26 @@ What it computes (the formulas are in `docs/families/parcae.md`)::
             linear:   W[:, :S] s  +  W[:, S:] e (+ b)        add: s + e
         s = core(s)                                     iter.{t}.blocks.{l}.*
                                                         iter.{t}.hook_state_post
-    x = C(s)                                            hook_projected
+    x = C(s)                                            hook_latent (the coda's input, width d_model)
     logits = softcap(lm_head(ln_f(coda(x))) * logit_scale)   coda.{l}.*, ln_final.*
 
 Layers are pre-norm; attention may add a gated value embedding to v (`attn.hook_ve_gate`,
 `attn.hook_ve`), clamps q/k/v (`clip_qkv`), adds a qk bias, rotates adjacent pairs with the saved
 `freqs_cis` table, then applies a parameter-free RMS norm to q and k (`qk_norm`).
 
-The family follows the one-loop core's `Family` interface (issue 21). Until the core lands,
-`ParcaeModel` and `parcae_forward` at the bottom of this module are a TEMPORARY driver that runs
-the family through that interface, so the family can be tested now.
+Everything else (argument checks, hooks by name or filter created on demand, caches,
+`stop_at_layer` over the unrolled depth, generation with a KV cache) is `HookedLoopedTransformer`'s.
+Every Parcae switch lives in `cfg.extra["parcae"]` (a `ParcaeSettings`); the plain-loop fields of
+the `LoopConfig` are set to what they mean for Parcae where they have a meaning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -36,9 +41,15 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from loop_lens import generation
+from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError
+from loop_lens.model import sites
 from loop_lens.model.components import Attention, Norm, Rotary, causal_bias
-from loop_lens.model.hooks import NO_HOOKS, NormHooks, has_hooks
+from loop_lens.model.hooks import NO_HOOKS, Hooks, has_hooks, pass_hooks
+from loop_lens.model.looped import HookedLoopedTransformer, HookedNorm
+from loop_lens.model.run import Run
+from loop_lens.model.sites import Site
 
 NORMS = {"RMSNorm": "RMS", "LayerNorm": "LN"}
 """The official `norm_class_name`s a Parcae model can build (its own RMSNorm, torch's LayerNorm),
@@ -216,22 +227,25 @@ class ParcaeSettings:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _hp(hooks: Any, name: str) -> Any:
-    """`hooks.<name>`, or NO_HOOKS when `hooks` is NO_HOOKS (which does not know Parcae's own names)."""
-    return hooks if hooks is NO_HOOKS else getattr(hooks, name)
+def rotate_adjacent(x: Float[Tensor, "batch pos head d_head"], rope: tuple[Tensor, Tensor]) -> Tensor:
+    """RoPE on adjacent pairs (x[2i], x[2i+1]) by `rope` = (cos, sin), [pos, d_head] or
+    [batch, pos, d_head] (each angle repeated for its pair), computed in fp32."""
+    cos, sin = (r[:, :, None, :] if r.ndim == 3 else r[None, :, None, :] for r in rope)
+    xf = x.float()
+    rotated = torch.stack([-xf[..., 1::2], xf[..., 0::2]], dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
-class FreqsRotary(Rotary):
-    """RoPE on adjacent pairs (x[2i], x[2i+1]) with the angles of the checkpoint's saved
-    `freqs_cis` buffer [1, n_positions, 1, d_head/2, 2] (cos, sin), not recomputed from a theta:
-    both official loaders use the saved table. `rotate` is the shared adjacent-pair rotation."""
+class FreqsRotary(nn.Module):
+    """The angles of RoPE from the checkpoint's saved `freqs_cis` buffer [1, n_positions, 1,
+    d_head/2, 2] (cos, sin), not recomputed from a theta: both official loaders use the saved
+    table. The model keeps it as `rope_table` (its `rotary` is None: the core's Rotary computes
+    its angles from `rope_theta`); `_rope` hands the layers its (cos, sin)."""
 
     def __init__(self, n_positions: int, d_head: int):
-        nn.Module.__init__(self)
-        self.style = "adjacent"
+        super().__init__()
         self.n_positions = n_positions
         self.register_buffer("freqs_cis", torch.zeros(1, n_positions, 1, d_head // 2, 2))
-        self._cache: dict = {}
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin of shape [pos, d_head] in fp32 for positions 0..seq_len-1."""
@@ -320,8 +334,8 @@ class ParcaeAttention(Attention):
         k = self.k_proj(x).view(B, S, K, hd)
         v = self.v_proj(x).view(B, S, K, hd)
         if self.ve_gate is not None and ve is not None:
-            gate = _hp(hooks, "hook_ve_gate")(2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])))
-            v = v + _hp(hooks, "hook_ve")(gate.unsqueeze(-1) * ve.view(B, S, K, hd))
+            gate = hooks.hook_ve_gate(2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS])))
+            v = v + hooks.hook_ve(gate.unsqueeze(-1) * ve.view(B, S, K, hd))
         if self.clip_qkv is not None:
             c = self.clip_qkv
             q, k, v = q.clamp(min=-c, max=c), k.clamp(min=-c, max=c), v.clamp(min=-c, max=c)
@@ -329,10 +343,11 @@ class ParcaeAttention(Attention):
             q, k = q + self.qk_bias[0], k + self.qk_bias[1]
         q, k, v = hooks.hook_q(q), hooks.hook_k(k), hooks.hook_v(v)
         if rope is not None:
-            q, k = rotary.rotate(q, rope), rotary.rotate(k, rope)
+            q, k = rotate_adjacent(q, rope), rotate_adjacent(k, rope)
         if self.qk_norm:
             q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
-        q, k = hooks.hook_rot_q(q), hooks.hook_rot_k(k)
+        if rope is not None:  # hook_rot_q/k exist with RoPE only (as for every family)
+            q, k = hooks.hook_rot_q(q), hooks.hook_rot_k(k)
         z = _attend(q, k, v, hooks, mask, kv)
         return self.o_proj(z.reshape(B, S, -1))
 
@@ -423,228 +438,10 @@ class ParcaeInjection(nn.Module):
             input_term = F.linear(e, W[:, self.d_state:], self.adapter.bias)
         else:
             state_term, input_term = s, e
-        state_term = _hp(hooks, "hook_state_term")(state_term)
-        input_term = _hp(hooks, "hook_input_term")(input_term)
+        state_term = hooks.hook_state_term(state_term)
+        input_term = hooks.hook_input_term(input_term)
         return hooks.hook_injected(state_term + input_term)
 
-
-# ---------------------------------------------------------------------------------------------------
-# Hook containers (no weights). The core will build these from `ParcaeFamily.sites`; until then
-# `ParcaeFamily.make_hooks` builds them for the temporary driver.
-# ---------------------------------------------------------------------------------------------------
-
-
-class ParcaeAttnHooks(nn.Module):
-    def __init__(self, ve: bool) -> None:
-        super().__init__()
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = HookPoint()  # after RoPE and qk-norm
-        self.hook_rot_k = HookPoint()
-        self.hook_attn_scores = HookPoint()  # [batch, head, query, key]
-        self.hook_pattern = HookPoint()
-        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
-        if ve:
-            self.hook_ve_gate = HookPoint()  # [batch, pos, kv_head], in (0, 2)
-            self.hook_ve = HookPoint()  # [batch, pos, kv_head, d_head], gate * value embedding
-
-
-class ParcaeMLPHooks(nn.Module):
-    def __init__(self, gated: bool) -> None:
-        super().__init__()
-        self.hook_pre = HookPoint()
-        if gated:
-            self.hook_pre_linear = HookPoint()
-        self.hook_post = HookPoint()
-
-
-class ParcaeBlockHooks(nn.Module):
-    def __init__(self, ve: bool, gated: bool) -> None:
-        super().__init__()
-        self.hook_resid_pre = HookPoint()
-        self.ln1 = NormHooks()
-        self.attn = ParcaeAttnHooks(ve)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.ln2 = NormHooks()
-        self.mlp = ParcaeMLPHooks(gated)
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
-
-
-class ParcaePassHooks(nn.Module):
-    """`iter.{t}.*`: one recurrence."""
-
-    def __init__(self, s: ParcaeSettings) -> None:
-        super().__init__()
-        sites = s.value_embedding_sites()
-        self.hook_state_pre = HookPoint()  # [batch, pos, d_state]: the state the pass starts from
-        self.hook_state_term = HookPoint()  # [batch, pos, d_state]: the injection's state (decay) term
-        self.hook_input_term = HookPoint()  # [batch, pos, d_state]: the injection's input term
-        self.hook_injected = HookPoint()  # [batch, pos, d_state]: their sum, the core's input
-        self.blocks = nn.ModuleList(
-            ParcaeBlockHooks(("core", j) in sites, s.mlp == "GatedMLP") for j in range(s.n_core)
-        )
-        self.hook_state_post = HookPoint()  # [batch, pos, d_state]: the state after the pass
-
-
-class ParcaeHooks(nn.Module):
-    """Every hook point of a run, by name (TEMPORARY, for `parcae_forward`; the core will own
-    these): hook_embed, prelude.{l}.*, ln_prelude.*, iter.{t}.*, hook_projected, coda.{l}.*,
-    ln_final.*."""
-
-    def __init__(self, s: ParcaeSettings, n_loops: int = 0) -> None:
-        super().__init__()
-        self.settings = s
-        sites, gated = s.value_embedding_sites(), s.mlp == "GatedMLP"
-        self.hook_embed = HookPoint()
-        self.prelude = nn.ModuleList(ParcaeBlockHooks(("prelude", i) in sites, gated) for i in range(s.n_prelude))
-        if s.prelude_norm:
-            self.ln_prelude = NormHooks()
-        self.hook_prelude_out = HookPoint()  # [batch, pos, d_model]: e, injected at every recurrence
-        self.iter = nn.ModuleDict()
-        self.hook_projected = HookPoint()  # [batch, pos, d_model]: C(state), the coda's input
-        self.coda = nn.ModuleList(ParcaeBlockHooks(("coda", i) in sites, gated) for i in range(s.n_coda))
-        self.ln_final = NormHooks()
-        self.ensure(n_loops)
-
-    def ensure(self, n_loops: int) -> None:
-        """Pass containers iter.0 .. iter.{n_loops-1}."""
-        for t in range(len(self.iter), n_loops):
-            self.iter[str(t)] = ParcaePassHooks(self.settings)
-
-    def hook_points(self) -> dict[str, HookPoint]:
-        """Every hook point by its full name."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, HookPoint)}
-
-
-# ---------------------------------------------------------------------------------------------------
-# The family
-# ---------------------------------------------------------------------------------------------------
-
-
-class ParcaeFamily:
-    """Parcae on the one-loop core's `Family` interface. The carry is the recurrent state
-    [batch, pos, d_state]; there is no exit gate. Besides the interface's methods, `prelude`
-    (the prelude layers with their value embeddings, then ln_prelude) and `layer_extra` (the
-    per-layer `ve=` input) are what the core needs from the family to run Parcae's outer layers."""
-
-    name = "parcae"
-    sites = {
-        "layer": ("attn.hook_ve_gate", "attn.hook_ve"),  # value-embedding layers only
-        "pass": ("hook_state_term", "hook_input_term"),
-        "model": ("ln_prelude.hook_scale", "ln_prelude.hook_normalized", "hook_prelude_out", "hook_projected"),
-    }
-
-    def __init__(self, settings: ParcaeSettings):
-        self.settings = settings
-
-    # -- modules ---------------------------------------------------------------------------------
-    def build(self, model: nn.Module) -> None:
-        """Create Parcae's modules on `model`: embed, prelude_blocks, ln_prelude, injection, blocks
-        (the core, width d_state), C, coda_blocks, ln_final, unembed, value_embeds (the tables the
-        parity rules apply, keyed as in the checkpoint), rotary (the saved freqs_cis table)."""
-        s = self.settings
-        sites = s.value_embedding_sites()
-        model.embed = nn.Embedding(s.d_vocab, s.d_model)
-        model.prelude_blocks = nn.ModuleList(
-            ParcaeBlock(s, s.d_model, s.d_mlp, s.n_heads, s.n_kv_heads, ("prelude", i) in sites)
-            for i in range(s.n_prelude)
-        )
-        model.ln_prelude = Norm(s.d_model, NORMS[s.norm], s.norm_eps) if s.prelude_norm else None
-        model.injection = ParcaeInjection(s.injection, s.d_model, s.d_state, s.bias)
-        model.blocks = nn.ModuleList(
-            ParcaeBlock(s, s.d_state, s.d_state_mlp, s.n_state_heads, s.n_state_heads, ("core", j) in sites)
-            for j in range(s.n_core)
-        )
-        model.C = nn.Linear(s.d_state, s.d_model, bias=s.bias)
-        model.coda_blocks = nn.ModuleList(
-            ParcaeBlock(s, s.d_model, s.d_mlp, s.n_heads, s.n_kv_heads, ("coda", i) in sites)
-            for i in range(s.n_coda)
-        )
-        model.ln_final = Norm(s.d_model, NORMS[s.norm], s.norm_eps)
-        model.unembed = nn.Linear(s.d_model, s.d_vocab, bias=False)
-        if s.tie_embeddings:
-            model.unembed.weight = model.embed.weight
-        model.value_embeds = nn.ModuleDict(
-            {key: nn.Embedding(s.d_vocab, s.n_kv_heads * s.d_head) for key in sorted(set(sites.values()), key=int)}
-        )
-        model.rotary = FreqsRotary(s.n_positions, s.d_head) if s.use_rope else None
-
-    def make_hooks(self, n_loops: int = 0) -> ParcaeHooks:
-        """The hook containers of a run of `n_loops` recurrences (TEMPORARY: the core will build them)."""
-        return ParcaeHooks(self.settings, n_loops)
-
-    def layer_extra(self, model: nn.Module, run: Any, stage: str, layer: int) -> dict[str, Tensor]:
-        """Extra keyword inputs of one layer: `ve=` (its value embedding of run.tokens) on the
-        layers the parity rules pick, nothing elsewhere."""
-        key = self.settings.value_embedding_sites().get((stage, layer))
-        return {} if key is None else {"ve": model.value_embeds[key](run.tokens)}
-
-    # -- the interface ---------------------------------------------------------------------------
-    def embed(self, model: nn.Module, run: Any) -> Tensor:
-        """wte(tokens) * emb_scale (the official code skips the product when emb_scale is 1)."""
-        x = model.embed(run.tokens)
-        return x * self.settings.emb_scale if self.settings.emb_scale != 1 else x
-
-    def prelude(self, model: nn.Module, run: Any, x: Tensor, hooked: Any) -> Tensor:
-        """The prelude layers (`prelude.{l}.*`), then ln_prelude (`ln_prelude.*`) when prelude_norm:
-        e (`hook_prelude_out`), the tensor injected at every recurrence. `hooked` is the run's root
-        hook container."""
-        prelude_hooks = _hp(hooked, "prelude")
-        for i, block in enumerate(model.prelude_blocks):
-            x = run.layer(("prelude", i), block, prelude_hooks[i], x, **self.layer_extra(model, run, "prelude", i))
-        if model.ln_prelude is not None:
-            x = model.ln_prelude(x, _hp(hooked, "ln_prelude"))
-        return _hp(hooked, "hook_prelude_out")(x)
-
-    def begin(self, model: nn.Module, run: Any, e: Tensor) -> Tensor:
-        """The state entering pass 0: `run.initial_state` when given, otherwise a draw by the
-        checkpoint's `state_init` rule (`draw_initial_state`, from `run.generator` or, when that
-        is None, the global RNG exactly as the official forward draws it)."""
-        given = getattr(run, "initial_state", None)
-        shape = (*e.shape[:-1], self.settings.d_state)
-        if given is not None:
-            if tuple(given.shape) != shape:
-                raise ValueError(f"initial_state has shape {tuple(given.shape)}, expected {shape} (batch, pos, d_state)")
-            return given.to(device=e.device, dtype=e.dtype)
-        return draw_initial_state(self.settings, shape, e.dtype, e.device, getattr(run, "generator", None))
-
-    def step(self, model: nn.Module, run: Any, t: int, carry: Tensor, e: Tensor, hooks: Any) -> Tensor:
-        """Recurrence t: inject, then the core layers. Rows (or tokens) that `run.active[t]`
-        marks inactive keep their state (the official per-row sampled depth)."""
-        x = hooks.hook_state_pre(carry)
-        x = model.injection(x, e, hooks)
-        for j, block in enumerate(model.blocks):
-            x = run.layer(("iter", t, j), block, hooks.blocks[j], x, **self.layer_extra(model, run, "core", j))
-        active = getattr(run, "active", None)
-        if active is not None:
-            x = torch.where(active[t], x, carry)
-        return hooks.hook_state_post(x)
-
-    def gate(self, model: nn.Module, run: Any, t: int, carry: Tensor, hooks: Any) -> Optional[Tensor]:
-        """Parcae has no exit gate."""
-        return None
-
-    def state(self, carry: Tensor) -> Tensor:
-        """The recurrent state [batch, pos, d_state] (d_state may differ from d_model: `readout`
-        maps it through C first)."""
-        return carry
-
-    def readout(self, model: nn.Module, run: Any, state: Tensor, hooked: Any) -> Tensor:
-        """C (hook_projected), the coda layers (coda.{l}.*), ln_f (ln_final.*), lm_head over the
-        padded vocabulary, in fp32, times logit_scale, then the logit softcap when set."""
-        s = self.settings
-        x = _hp(hooked, "hook_projected")(model.C(state))
-        coda_hooks = _hp(hooked, "coda")
-        for i, block in enumerate(model.coda_blocks):
-            x = run.layer(("coda", i), block, coda_hooks[i], x, **self.layer_extra(model, run, "coda", i))
-        x = model.ln_final(x, _hp(hooked, "ln_final"))
-        logits = model.unembed(x).float() * s.logit_scale
-        if s.logit_softcap is not None:
-            logits = s.logit_softcap * torch.tanh(logits / s.logit_softcap)
-        return logits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -735,90 +532,337 @@ def plain_call_schedule(s: ParcaeSettings, batch: int, seq_len: int, step: int =
     return len(masks), masks, n + k
 
 
+
+
 # ---------------------------------------------------------------------------------------------------
-# TEMPORARY driver (until the one-loop core lands and registers this family): a plain holder of the
-# family's modules and a forward that runs the family through the interface.
+# The config: every Parcae switch in cfg.extra["parcae"], the plain-loop fields set where they mean something
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ParcaeRun:
-    """TEMPORARY stand-in for the core's run object: the inputs of one forward."""
-
-    tokens: Tensor
-    rotary: Optional[FreqsRotary]
-    rope: Any
-    mask: Optional[Tensor] = None
-    initial_state: Optional[Tensor] = None
-    generator: Optional[torch.Generator] = None
-    active: Optional[list[Tensor]] = None
-    sites: list = field(default_factory=list)
-
-    def layer(self, site: tuple, block: nn.Module, hooks: Any, x: Tensor, **extra: Any) -> Tensor:
-        """One layer (the core's `run.layer`: stop_at_layer and the KV cache hang here)."""
-        self.sites.append(site)
-        return block(x, hooks, self.rotary, self.rope, self.mask, None, **extra)
+def settings_of(cfg: LoopConfig) -> ParcaeSettings:
+    """The ParcaeSettings a Parcae LoopConfig carries (`cfg.extra["parcae"]`); ConfigError naming
+    the field when it is missing or wrong."""
+    data = cfg.extra.get("parcae")
+    if not isinstance(data, dict):
+        raise ConfigError("extra: a Parcae config (family='parcae') carries its switches in extra['parcae'] (an object)")
+    names = {f.name for f in dataclasses.fields(ParcaeSettings)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"extra['parcae']: unknown field(s) {unknown}")
+    try:
+        return ParcaeSettings(**data)
+    except TypeError as err:  # a required field missing
+        raise ConfigError(f"extra['parcae']: {err}") from err
 
 
-class ParcaeModel(nn.Module):
-    """TEMPORARY holder of a Parcae model's modules (built by `ParcaeFamily.build`), so the family
-    can be loaded and run before the core exists. `model(tokens, n_loops)` is `parcae_forward`."""
+def parcae_config(s: ParcaeSettings, model_name: str = "parcae") -> LoopConfig:
+    """The LoopConfig of a Parcae model: layout, widths of the prelude/coda (the core's are in
+    `extra['parcae']`), RoPE (adjacent pairs, `n_ctx` = the freqs_cis table's rows), the injection,
+    the start-state rule (`zeros` for state_init='zero', else a random draw: `trunc_normal` with the
+    like-init std), and every switch in `extra['parcae']`."""
+    mlp = "swiglu" if s.mlp == "GatedMLP" else {"ReLU2": "relu2", "ReLU": "relu", "GELU": "gelu"}.get(s.nonlin, "gelu")
+    return LoopConfig(
+        d_model=s.d_model, n_heads=s.n_heads, n_key_value_heads=s.n_kv_heads, d_mlp=s.d_mlp, d_vocab=s.d_vocab,
+        n_prelude=s.n_prelude, n_block=s.n_core, n_coda=s.n_coda, default_loops=s.mean_recurrence,
+        n_ctx=s.n_positions, normalization_type=NORMS[s.norm], norm_eps=s.norm_eps, mlp_type=mlp,
+        attn_bias=s.bias, mlp_bias=s.bias,
+        positional_embedding_type="rotary" if s.use_rope else "none", rope_style="adjacent",
+        qk_bias=s.qk_bias, qk_norm="head" if s.qk_norm else "none", embed_scale=s.emb_scale,
+        injection={"add": "additive"}.get(s.injection, s.injection),
+        initial_state="zeros" if s.state_init == "zero" else "trunc_normal", init_std=s.state_std,
+        tie_embeddings=s.tie_embeddings, family="parcae", model_name=model_name,
+        extra={"parcae": dataclasses.asdict(s)},
+    )
 
-    def __init__(self, settings: ParcaeSettings):
-        super().__init__()
-        self.settings = settings
-        self.family = ParcaeFamily(settings)
-        self.family.build(self)
 
-    def forward(self, tokens: Tensor, n_loops: Optional[int] = None, **kwargs: Any) -> Tensor:
-        return parcae_forward(self, tokens, n_loops, **kwargs)
+# ---------------------------------------------------------------------------------------------------
+# Hook sites
+# ---------------------------------------------------------------------------------------------------
 
 
-def parcae_forward(
-    model: ParcaeModel,
-    tokens: Int[Tensor, "batch pos"],
-    n_loops: Optional[int] = None,
-    *,
-    hooks: Optional[ParcaeHooks] = None,
-    initial_state: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    sampled_depths: bool = False,
-    train_step: int = 0,
-) -> Float[Tensor, "batch pos d_vocab"]:
-    """TEMPORARY driver: logits [batch, pos, d_vocab (padded)] of `n_loops` recurrences (default
-    mean_recurrence, what the official evaluation and generation pass), running the family through
-    the interface: embed -> prelude -> begin -> step per recurrence -> readout.
+def _is_parcae(c: Any) -> bool:
+    return getattr(c, "family", None) == "parcae"
 
-    `sampled_depths=True` reproduces the official plain call (no `num_steps_pair`): each row (or
-    token, per recurrent_iteration_method) runs its own sampled depth (`plain_call_schedule`, with
-    the model's training step counter `train_step`, 0 for a loaded checkpoint); `n_loops` must then
-    be None. `initial_state` [batch, pos, d_state] replaces the draw; otherwise the state is drawn
-    from `generator` (None: the global RNG, as the official forward does). `hooks` (from
-    `model.family.make_hooks()`) fires every hook point; it grows to the run's passes."""
-    fam, s = model.family, model.settings
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError("tokens must be an integer tensor [batch, pos]")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= s.d_vocab):
-        raise ValueError(f"tokens must lie in [0, {s.d_vocab}), got {int(tokens.min())}..{int(tokens.max())}")
-    if sampled_depths and n_loops is not None:
-        raise ValueError("pass n_loops or sampled_depths=True, not both: the plain call samples each row's depth")
-    if n_loops is not None and (not isinstance(n_loops, int) or isinstance(n_loops, bool) or n_loops < 0):
-        raise ValueError(f"n_loops must be a non-negative integer, got {n_loops!r}")
-    B, S = tokens.shape
-    rope = model.rotary(S, tokens.device) if model.rotary is not None else None
-    run = ParcaeRun(tokens, model.rotary, rope, initial_state=initial_state, generator=generator)
-    root = hooks if hooks is not None else NO_HOOKS
-    x = _hp(root, "hook_embed")(fam.embed(model, run))
-    e = fam.prelude(model, run, x, root)
-    carry = fam.begin(model, run, e)
-    if sampled_depths:
-        T, run.active, _ = plain_call_schedule(s, B, S, train_step)
-    else:
-        T = s.mean_recurrence if n_loops is None else n_loops
-    if hooks is not None:
-        hooks.ensure(T)
-    for t in range(T):
-        pass_hooks = hooks.iter[str(t)] if hooks is not None else NO_HOOKS
-        carry = fam.step(model, run, t, carry, e, pass_hooks)
-        fam.gate(model, run, t, carry, pass_hooks)
-    return fam.readout(model, run, fam.state(carry), root)
+
+VE_SITES = ("attn.hook_ve_gate", "attn.hook_ve")
+sites.register([
+    Site("attn.hook_ve_gate", "layer", "B S K", _is_parcae, "Parcae: 2*sigmoid(ve_gate(x[..., :32])), value-embedding layers only"),
+    Site("attn.hook_ve", "layer", "B S K hd", _is_parcae, "Parcae: the gated value embedding added to v"),
+], before={"attn.hook_ve_gate": "attn.hook_q", "attn.hook_ve": "attn.hook_q"})
+sites.register([
+    Site("hook_state_term", "pass", "B S Ds", _is_parcae, "Parcae: the injection's state term (diagonal: s * decay)"),
+    Site("hook_input_term", "pass", "B S Ds", _is_parcae, "Parcae: the injection's input term (diagonal: dt * (e @ B^T))"),
+], before={"hook_state_term": "hook_injected", "hook_input_term": "hook_injected"})
+sites.register([
+    *[Site(f"ln_prelude.{leaf}", "model", shape, lambda c: _is_parcae(c) and c.extra["parcae"].get("prelude_norm", False),
+           "Parcae: the norm after the prelude (prelude_norm)") for leaf, shape in (("hook_scale", "B S 1"), ("hook_normalized", "B S D"))],
+    Site("hook_prelude_out", "model", "B S D", _is_parcae, "Parcae: e, the prelude's output injected at every recurrence"),
+], before={"ln_prelude.hook_scale": "hook_latent", "ln_prelude.hook_normalized": "hook_latent", "hook_prelude_out": "hook_latent"})
+
+
+def parcae_layer_hooks(cfg: LoopConfig, ve: bool) -> Hooks:
+    """One layer's hook points: the layer sites of the config, the value-embedding ones only on
+    layers that add a value embedding."""
+    return Hooks(s.path for s in sites.sites("layer", cfg) if ve or s.path not in VE_SITES)
+
+
+def parcae_pass_hooks(cfg: LoopConfig) -> Hooks:
+    """One recurrence's hook points, `iter.{t}.*`: hook_state_pre, hook_state_term, hook_input_term,
+    hook_injected, the core layers' `blocks.{l}.*`, hook_state_post."""
+    ve = settings_of(cfg).value_embedding_sites()
+    return pass_hooks(cfg, [parcae_layer_hooks(cfg, ("core", j) in ve) for j in range(cfg.n_block)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+
+
+class HookedParcaeTransformer(HookedLoopedTransformer):
+    """A Parcae model: prelude, `n_loops` recurrences of the core on a state of width `d_state`,
+    `C` back to `d_model`, coda.
+
+    Parameters: `embed`, `prelude_blocks`, `ln_prelude` (prelude_norm), `injection` (the adapter:
+    `A_log`, `dt_bias`, `B`, or a linear map), `blocks` (the core, width d_state), `C`,
+    `coda_blocks`, `ln_final`, `unembed`, `value_embeds` (the tables the parity rules use),
+    `rope_table` (the saved freqs_cis). `model.settings` holds every switch.
+
+    `model(tokens)` runs `mean_recurrence` recurrences for every row (what the official evaluation
+    and `generate` pass); `n_loops=T` any count. `sampled_depths=True` (a run option of `forward`,
+    `run_with_cache`, `run_with_hooks`) reproduces the official plain call without
+    `num_steps_pair`, which samples a depth per row (or token) even in eval mode:
+    `model.sampled_depths(tokens)` gives those depths. The start state is drawn by the
+    checkpoint's `state_init` rule from torch's global RNG as the official forward does (or
+    `generator=`, or `seed=` per prompt); `initial_state=` [batch, pos, d_state] gives it.
+    """
+
+    iteration_hooks_cls = staticmethod(parcae_pass_hooks)
+
+    def __init__(self, cfg: LoopConfig, tokenizer: Any = None):
+        if cfg.family != "parcae":
+            raise ConfigError(f"family: HookedParcaeTransformer builds family='parcae' configs, got {cfg.family!r}")
+        self.settings = settings_of(cfg)
+        self._run_opts: dict[str, Any] = {"sampled_depths": False, "train_step": 0}
+        super().__init__(cfg, tokenizer)
+
+    def _build(self, cfg: LoopConfig) -> None:
+        s = self.settings
+        ve = s.value_embedding_sites()
+        D, S = s.d_model, s.d_state
+
+        def layer(stage: str, i: int, width: int, d_mlp: int, heads: int, kv: int) -> ParcaeBlock:
+            return ParcaeBlock(s, width, d_mlp, heads, kv, (stage, i) in ve)
+
+        self.embed = nn.Embedding(s.d_vocab, D)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model], after emb_scale
+        self.rotary = None  # the angles come from the saved table (`rope_table`, `_rope`)
+        self.rope_table = FreqsRotary(s.n_positions, s.d_head) if s.use_rope else None
+        self.prelude_blocks = nn.ModuleList(layer("prelude", i, D, s.d_mlp, s.n_heads, s.n_kv_heads) for i in range(s.n_prelude))
+        self.prelude = nn.ModuleList(parcae_layer_hooks(cfg, ("prelude", i) in ve) for i in range(s.n_prelude))
+        self.ln_prelude = HookedNorm(D, NORMS[s.norm], s.norm_eps) if s.prelude_norm else None
+        self.hook_prelude_out = HookPoint()  # [batch, pos, d_model]: e, injected at every recurrence
+        self.injection = ParcaeInjection(s.injection, D, S, s.bias)
+        self.blocks = nn.ModuleList(layer("core", j, S, s.d_state_mlp, s.n_state_heads, s.n_state_heads) for j in range(s.n_core))
+        self.exit_gate = None
+        self.C = nn.Linear(S, D, bias=s.bias)
+        self.hook_latent = HookPoint()  # [batch, pos, d_model]: C(s), the coda's input
+        self.coda_blocks = nn.ModuleList(layer("coda", i, D, s.d_mlp, s.n_heads, s.n_kv_heads) for i in range(s.n_coda))
+        self.coda = nn.ModuleList(parcae_layer_hooks(cfg, ("coda", i) in ve) for i in range(s.n_coda))
+        self.ln_final = HookedNorm(D, NORMS[s.norm], s.norm_eps)
+        self.unembed = nn.Linear(D, s.d_vocab, bias=False)
+        if s.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.value_embeds = nn.ModuleDict(
+            {key: nn.Embedding(s.d_vocab, s.n_kv_heads * s.d_head) for key in sorted(set(ve.values()), key=int)}
+        )
+
+    # ------------------------------------------------------------------ run options
+    @contextmanager
+    def _options(self, sampled_depths: Any = False, train_step: Any = 0) -> Iterator[dict[str, Any]]:
+        """Parcae's run options: `sampled_depths=True` (the official plain call's per-row depths,
+        drawn with the model's training step counter `train_step`, 0 after loading)."""
+        if not isinstance(sampled_depths, bool):
+            raise ValueError(f"sampled_depths must be True or False, got {sampled_depths!r}")
+        if isinstance(train_step, bool) or not isinstance(train_step, int) or train_step < 0:
+            raise ValueError(f"train_step must be an integer >= 0, got {train_step!r}")
+        before = self._run_opts
+        self._run_opts = {"sampled_depths": sampled_depths, "train_step": train_step}
+        try:
+            yield dict(self._run_opts)
+        finally:
+            self._run_opts = before
+
+    def _current_options(self) -> dict[str, Any]:
+        return dict(self._run_opts)
+
+    def sampled_depths(self, input: Any, train_step: int = 0) -> Tensor:
+        """The recurrences each row ([batch]) or token ([batch, pos], per-token iteration) runs in
+        the official plain call on `input` (what `sampled_depths=True` runs): the official sampler,
+        a CPU generator seeded 514229 + train_step; `mean_recurrence` for every row with
+        per-batch iteration."""
+        with self._options(train_step=train_step):
+            tokens, _ = self.as_tokens(input)
+            return plain_call_schedule(self.settings, *tokens.shape, self._run_opts["train_step"])[2]
+
+    def _sampled_loops(self, input: Any, n_loops: Any) -> int:
+        """The passes of a plain call on `input` (the sampled depths' two phases); refuses n_loops."""
+        if n_loops is not None:
+            raise ValueError("pass n_loops= or sampled_depths=True, not both: the plain call samples each row's depth")
+        tokens, _ = self.as_tokens(input)
+        T = plain_call_schedule(self.settings, *tokens.shape, self._run_opts["train_step"])[0]
+        if T == 0:
+            raise ValueError("the plain call sampled 0 recurrences for every row of this input (the official code "
+                             "fails there too); run a fixed count with n_loops=")
+        return T
+
+    def forward(self, input: Any, n_loops: Optional[int] = None, *, sampled_depths: bool = False, train_step: int = 0,
+                **kwargs: Any) -> Any:
+        """`HookedLoopedTransformer.forward` (`n_loops=None`: mean_recurrence), plus
+        `sampled_depths=True`: the official plain call, each row (or token) running its own
+        sampled depth (`model.sampled_depths(input, train_step)`); the run has as many passes as
+        the two sampled phases need, a row keeps its state in the passes it does not run."""
+        with self._options(sampled_depths=sampled_depths, train_step=train_step):
+            if sampled_depths:
+                n_loops = self._sampled_loops(input, n_loops)
+            return super().forward(input, n_loops, **kwargs)
+
+    def _loops_of(self, args: tuple, kwargs: dict) -> int:
+        if kwargs.get("sampled_depths"):
+            with self._options(sampled_depths=True, train_step=kwargs.get("train_step", 0)):
+                input = args[0] if args else kwargs.get("input")
+                return self._sampled_loops(input, kwargs.get("n_loops", args[1] if len(args) > 1 else None))
+        return super()._loops_of(args, kwargs)
+
+    def _prepare(self, input: Any, *args: Any, **kwargs: Any) -> Run:
+        """The base checks, then the run options; with sampled depths, each pass's active rows."""
+        run = super()._prepare(input, *args, **kwargs)
+        run.options.update(self._run_opts)
+        if self._run_opts["sampled_depths"]:
+            _, masks, depths = plain_call_schedule(self.settings, *run.tokens.shape, self._run_opts["train_step"])
+            run.options["active"] = None if masks is None else [m.to(run.tokens.device) for m in masks]
+        return run
+
+    def generate(self, *args: Any, sampled_depths: bool = False, **kwargs: Any) -> Any:
+        """`loop_lens.generation.generate`: a fixed count of recurrences per token (`n_loops=`,
+        default mean_recurrence, as the official `generate` passes); `sampled_depths=` is refused."""
+        if sampled_depths:
+            raise ValueError("generate runs n_loops recurrences per token (default mean_recurrence, as the official "
+                             "generate passes); sampled_depths=True is a forward option (the plain call)")
+        return generation.generate(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ the network
+    def _ve(self, tokens: Tensor, stage: str, layer: int) -> dict[str, Tensor]:
+        """`ve=` (the layer's value embedding of the tokens) on layers the parity rules pick."""
+        key = self.settings.value_embedding_sites().get((stage, layer))
+        return {} if key is None else {"ve": self.value_embeds[key](tokens)}
+
+    def _embed(self, tokens: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """wte(tokens) * emb_scale (the official code skips the product when emb_scale is 1)."""
+        x = self.embed(tokens)
+        return self.hook_embed(x * self.settings.emb_scale if self.settings.emb_scale != 1 else x)
+
+    def _prelude(self, x: Tensor, run: Run) -> Tensor:
+        """The prelude layers (with their value embeddings), then ln_prelude (prelude_norm): e."""
+        for i, (blk, hooks) in enumerate(zip(self.prelude_blocks, self.prelude)):
+            x = run.layer(("prelude", i), blk, hooks, x, **self._ve(run.tokens, "prelude", i))
+        if self.ln_prelude is not None:
+            x = self.ln_prelude(x)
+        return self.hook_prelude_out(x)
+
+    def _state_shape(self, batch: int, pos: int) -> tuple[int, int, int]:
+        return (batch, pos, self.settings.d_state)
+
+    def initial_state(self, e: Tensor, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                      attention_mask: Optional[Tensor] = None) -> Tensor:
+        """The state entering recurrence 0, [*e.shape[:-1], d_state], by the checkpoint's
+        `state_init` rule (`draw_initial_state`): from `generator`, or torch's global RNG in the
+        official order; with `seed=` (and no generator) each prompt draws its own over its real
+        tokens (`attention_mask`) from a generator seeded with `seed`."""
+        s = self.settings
+        shape = (*e.shape[:-1], s.d_state)
+        if seed is None or generator is not None:
+            return draw_initial_state(s, shape, e.dtype, e.device, generator)
+        out = torch.zeros(shape, dtype=e.dtype, device=e.device)
+        for b in range(shape[0]):
+            real = attention_mask[b].bool() if attention_mask is not None else slice(None)
+            n = int(attention_mask[b].sum()) if attention_mask is not None else shape[1]
+            g = torch.Generator(device=e.device).manual_seed(int(seed))
+            out[b, real] = draw_initial_state(s, (n, s.d_state), e.dtype, e.device, g)
+        return out
+
+    def _begin(self, e: Tensor, run: Run) -> Tensor:
+        """The state entering pass 0: the rule's draw, zeros, or the given tensor (Parcae's state
+        has its own width, so it never starts at the embedding)."""
+        if isinstance(run.start, str):
+            if run.start == "zeros":
+                return e.new_zeros(self._state_shape(*e.shape[:2]))
+            raise ValueError(f"initial_state={run.start!r}: a Parcae state (width {self.settings.d_state}) does not start "
+                             "at the prelude output; use None (the checkpoint's state_init rule) or 'zeros'")
+        return super()._begin(e, run)
+
+    def _pass(self, run: Run, t: int, carry: Tensor, e: Tensor, hooks: Any) -> Tensor:
+        """Recurrence t: the injection (its two terms hooked, then their sum), the core layers at
+        the state width. With sampled depths, rows (tokens) the pass does not run keep their state
+        (they still serve as keys and values, as in the official loop)."""
+        s = hooks.hook_state_pre(carry)
+        x = self.injection(s, e, hooks)
+        for j, blk in enumerate(self.blocks):
+            x = run.layer(("iter", t, j), blk, hooks.blocks[j], x, **self._ve(run.tokens, "core", j))
+        active = run.options.get("active")
+        if active is not None:
+            x = torch.where(active[t], x, s)
+        return hooks.hook_state_post(x)
+
+    def _to_coda(self, s: Tensor, hooked: bool) -> Tensor:
+        """C(s): the state back at the model width (`hook_latent`)."""
+        x = self.C(s)
+        return self.hook_latent(x) if hooked else x
+
+    def _coda(self, x: Tensor, run: Run) -> Tensor:
+        for i, (blk, hooks) in enumerate(zip(self.coda_blocks, self.coda)):
+            x = run.layer(("coda", run.coda_t, i), blk, hooks, x, **self._ve(run.tokens, "coda", i))
+        return x
+
+    def _readout(self, state: Tensor, run: Run, t: Optional[int] = None) -> Tensor:
+        x = self._to_coda(state, hooked=False)
+        for i, blk in enumerate(self.coda_blocks):
+            x = run.layer(("coda", t, i), blk, NO_HOOKS, x, count=False, **self._ve(run.tokens, "coda", i))
+        return self._unembed(x, hooked=False)
+
+    def _unembed(self, x: Tensor, hooked: bool = True) -> Tensor:
+        """ln_f, lm_head over the padded vocabulary, in fp32, times logit_scale, then the softcap."""
+        s = self.settings
+        x = self.ln_final(x) if hooked else self.ln_final(x, NO_HOOKS)
+        logits = self.unembed(x).float() * s.logit_scale
+        if s.logit_softcap is not None:
+            logits = s.logit_softcap * torch.tanh(logits / s.logit_softcap)
+        return logits
+
+    def _rope(self, S: int, device: torch.device, positions: Optional[Tensor] = None) -> Any:
+        """(cos, sin) from the saved freqs_cis table, for 0..S-1 or per-row `positions`."""
+        if self.rope_table is None:
+            return None
+        return self.rope_table(S, device) if positions is None else self.rope_table.at(positions)
+
+    def _additivity_breaks(self, per_head: bool) -> list[str]:
+        return [*super()._additivity_breaks(per_head), "Parcae's state is mapped by C before the coda (and the core "
+                f"runs at the state width {self.settings.d_state})"]
+
+    def logit_lens_readout(self, x: Tensor, hook: Optional[str], normed: bool) -> Tensor:
+        """The logit lens of an activation: `_unembed` (ln_f, lm_head, logit_scale, softcap) of it,
+        after `C` when it is a recurrent state (`iter.{t}.*`, or `hook=None` for a state leaving a
+        recurrence), i.e. the coda skipped. `lens='coda'` reads a state through the coda too."""
+        loop_state = hook is None or hook.startswith("iter.")
+        width = self.settings.d_state if loop_state else self.settings.d_model
+        if x.shape[-1] != width:
+            where = f"at {hook}" if hook else "(a recurrent state: hook=None)"
+            raise ValueError(f"the logit lens {where} reads width {width}, got {x.shape[-1]}")
+        return self._unembed(self.C(x) if loop_state else x, hooked=False)
+
+    def hook_names(self, n_loops: Optional[int] = None) -> list[str]:
+        """The base's, with ln_prelude.* and hook_prelude_out where they fire (after the prelude)."""
+        names = super().hook_names(n_loops)
+        early = [n for n in names if n.startswith(("ln_prelude.", "hook_prelude_out"))]
+        rest = [n for n in names if n not in early]
+        at = next(i for i, n in enumerate(rest) if n.startswith("iter."))
+        return rest[:at] + early + rest[at:]
