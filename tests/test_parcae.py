@@ -6,8 +6,8 @@ Tolerances from looped-architectures.md: fp32, max abs difference <= 1e-4 on log
 relative (to the tensor's largest magnitude) on hidden states. Random configurations have larger
 logits than the fixture, so there the logit bound is 1e-4 * max(1, max |logit|).
 
-The model runs through the TEMPORARY driver `parcae_forward` (the family's interface methods in
-the order the one-loop core will call them) until the core lands.
+Everything goes through the public API: `ll.load(dir)`, `model(tokens)`, `model(tokens, n_loops)`,
+`model(tokens, sampled_depths=True)`, `run_with_cache`, `run_with_hooks`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,10 @@ import torch
 from conftest import golden
 from safetensors.torch import load_file
 
-from loop_lens.adapters.parcae import init_scalars, load_parcae, read_parcae_config
+import loop_lens as ll
+from loop_lens.adapters.parcae import init_scalars, read_parcae_config
 from loop_lens.errors import LoadError, UnexpectedTensorsWarning
-from loop_lens.families.parcae import (
-    ParcaeFamily,
-    draw_initial_state,
-    parcae_forward,
-    plain_call_schedule,
-)
+from loop_lens.families.parcae import HookedParcaeTransformer, draw_initial_state, parcae_config, plain_call_schedule
 
 N_DRAWS = 48
 
@@ -49,25 +45,8 @@ def assert_hidden(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def run_cached(model, tokens, n_loops=None, **kwargs):
-    """Logits and every hook point's activation (by name) of one driver run."""
-    hooks = model.family.make_hooks(n_loops or 0)
-    cache = {}
-
-    def attach():
-        for name, hp in hooks.hook_points().items():
-            if not hp._forward_hooks:
-                hp.add_hook(lambda act, hook, name=name: cache.__setitem__(name, act.detach().clone()))
-
-    attach()
-    hooks_ensure = hooks.ensure
-
-    def ensure(n):  # hook the passes the run adds
-        hooks_ensure(n)
-        attach()
-
-    hooks.ensure = ensure
-    logits = parcae_forward(model, tokens, n_loops, hooks=hooks, **kwargs)
-    return logits, cache
+    """Logits and every hook point's activation (a LoopCache) of one run."""
+    return model.run_with_cache(tokens, n_loops, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,7 +61,7 @@ def tiny():
     path = golden("parcae-tiny")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnexpectedTensorsWarning)  # every tensor is used or known-unused
-        model = load_parcae(path)
+        model = ll.load(path)
     description = json.loads((path / "expected.json").read_text())
     return model, load_file(str(path / "expected.safetensors")), description
 
@@ -148,7 +127,7 @@ def test_fixture_readout_per_count(tiny, tiny_runs):
     """For every count 1..5: C(x_t), the coda layers, ln_f (its hook sits before the weight), logits."""
     model, exp, _ = tiny
     for t, (logits, cache) in tiny_runs.items():
-        assert_hidden(cache["hook_projected"], exp["projected_states"][t - 1])
+        assert_hidden(cache["hook_latent"], exp["projected_states"][t - 1])
         for i in range(2):
             assert_hidden(cache[f"coda.{i}.hook_resid_post"], exp["coda_layer_outputs"][t - 1, i])
         assert_hidden(cache["ln_final.hook_normalized"] * model.ln_final.weight, exp["final_norm_outputs"][t - 1])
@@ -173,10 +152,11 @@ def test_fixture_plain_call(tiny):
     assert torch.equal(depths, exp["plain_call_depths"])
     assert passes == 3 and len(masks) == 3
     torch.manual_seed(SEED)
-    assert_logits(parcae_forward(model, exp["input_ids"], sampled_depths=True), exp["logits_plain_call"])
+    assert torch.equal(model.sampled_depths(exp["input_ids"]), exp["plain_call_depths"])
+    assert_logits(model(exp["input_ids"], sampled_depths=True), exp["logits_plain_call"])
     # the rows really ran different depths: each row equals our own run at its depth
     torch.manual_seed(SEED)
-    plain = parcae_forward(model, exp["input_ids"], sampled_depths=True)
+    plain = model(exp["input_ids"], sampled_depths=True)
     for row, t in ((0, 2), (1, 3)):
         torch.manual_seed(SEED)
         assert_logits(plain[row], model(exp["input_ids"], t)[row])
@@ -217,18 +197,19 @@ def test_fixture_hooks_change_nothing_and_patterns(tiny):
     assert cache["iter.2.blocks.1.attn.hook_ve_gate"].shape == (2, 11, 4)
     assert "iter.2.blocks.0.attn.hook_ve" not in cache and "prelude.1.attn.hook_ve" in cache
     assert not any(name.startswith("iter.3.") for name in cache)
+    assert set(cache.keys()) == set(model.hook_names(3))  # every listed hook point fires, nothing else
 
 
 def test_hook_edits_propagate(tiny):
     """A hook that edits the injection's input term changes the run as the formula says: zeroing it
     leaves x_1 = core(x_0 * decay)."""
     model, exp, _ = tiny
-    hooks = model.family.make_hooks(1)
     seen = {}
-    hooks.iter["0"].hook_input_term.add_hook(lambda act, hook: torch.zeros_like(act))
-    hooks.iter["0"].hook_injected.add_hook(lambda act, hook: seen.__setitem__("inj", act.clone()))
     torch.manual_seed(SEED)
-    parcae_forward(model, exp["input_ids"], 1, hooks=hooks)
+    model.run_with_hooks(exp["input_ids"], 1, fwd_hooks=[
+        ("iter.0.hook_input_term", lambda act, hook: torch.zeros_like(act)),
+        ("iter.0.hook_injected", lambda act, hook: seen.__setitem__("inj", act.clone())),
+    ])
     assert_hidden(seen["inj"], exp["initial_state"] * model.injection.decay())
 
 
@@ -263,11 +244,11 @@ def test_random_config_matches_reference(tmp_path, i):
     folder = pc.write_checkpoint(tmp_path / "ckpt", c, sd)
     if not _runnable(c, sd):
         with pytest.raises(LoadError, match="value embedding"):
-            load_parcae(folder)
+            ll.load(folder)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnexpectedTensorsWarning)
-        model = load_parcae(folder)
+        model = ll.load(folder)
     g = torch.Generator().manual_seed(i)
     ids = torch.randint(0, c["vocab_size"], (2, c["block_size"] - 3), generator=g)
     shape = (*ids.shape, c["recurrent_embedding_dimension"])
@@ -276,13 +257,18 @@ def test_random_config_matches_reference(tmp_path, i):
         x0 = ref.initial_state(c, shape)
         expected = ref.forward(c, sd, ids, steps, x0)
         torch.manual_seed(1000 + i)
+        if steps is None and int(model.sampled_depths(ids).max()) == 0:
+            # every row sampled depth 0: the official plain call fails (xk unbound), so do we, by name
+            with pytest.raises(ValueError, match="sampled 0 recurrences"):
+                model(ids, sampled_depths=True)
+            continue
         if steps is None:
             logits, cache = run_cached(model, ids, sampled_depths=True)
             if "depths" in expected:
                 assert torch.equal(plain_call_schedule(model.settings, *ids.shape)[2], expected["depths"])
         else:
             logits, cache = run_cached(model, ids, steps)
-        assert torch.equal(cache["iter.0.hook_state_pre"], x0) if "iter.0.hook_state_pre" in cache else True
+        assert torch.equal(cache["iter.0.hook_state_pre"], x0)
         assert_logits(logits, expected["logits"], scaled=True)
         assert_hidden(cache["hook_embed"], expected["embeddings"])
         for layer, out in enumerate(expected["prelude"]):
@@ -293,7 +279,7 @@ def test_random_config_matches_reference(tmp_path, i):
             for j in range(c["n_layers_in_recurrent_block"]):
                 assert_hidden(cache[f"iter.{t}.blocks.{j}.hook_resid_post"], expected["core"][t, j])
             assert_hidden(cache[f"iter.{t}.hook_state_post"], expected["states"][t + 1])
-        assert_hidden(cache["hook_projected"], expected["projected"])
+        assert_hidden(cache["hook_latent"], expected["projected"])
         for layer, out in enumerate(expected["coda"]):
             assert_hidden(cache[f"coda.{layer}.hook_resid_post"], out)
 
@@ -351,20 +337,20 @@ def test_init_scalars_match_reference():
         assert init_scalars(strategy, c["n_embd"], L) == pytest.approx(ref.scalars(c), rel=1e-12)
 
 
-def test_family_interface_shape():
-    """The interface the core will call: build creates the named modules; gate is None; state is
-    the carry; sites lists the family's own hook names."""
-    s = read_parcae_config({**pc.BASE, "_class_name": "ParcaeConfig", "recurrent_embedding_dimension": 32, "num_key_value_heads": 2,
-                            "recurrent_num_attention_heads": 2})
-    fam, model = ParcaeFamily(s), torch.nn.Module()
-    fam.build(model)
-    for name in ("embed", "prelude_blocks", "injection", "blocks", "C", "coda_blocks", "ln_final", "unembed"):
-        assert hasattr(model, name)
+def test_model_structure():
+    """A state of its own width with its own head count: the core layers, C and the hook shapes
+    follow it; the config round-trips through cfg.extra (a native save rebuilds the same model)."""
+    s = read_parcae_config({**pc.BASE, "_class_name": "ParcaeConfig", "recurrent_embedding_dimension": 32,
+                            "num_key_value_heads": 2, "recurrent_num_attention_heads": 2})
+    model = HookedParcaeTransformer(parcae_config(s))
     assert model.C.weight.shape == (64, 32) and model.blocks[0].attn.n_heads == 2
-    assert fam.gate(model, None, 0, torch.zeros(1), None) is None
-    carry = torch.randn(1, 2, 32)
-    assert fam.state(carry) is carry
-    assert set(fam.sites) == {"layer", "pass", "model"}
+    assert model.exit_gate is None and model.rotary is None
+    assert HookedParcaeTransformer(ll.LoopConfig.from_json(model.cfg.to_json())).settings == s
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    _, cache = model.run_with_cache(ids, 2, names_filter=lambda n: "state" in n or "latent" in n or "input_term" in n)
+    assert cache["iter.1.hook_state_post"].shape == (1, 3, 32)
+    assert cache["iter.1.hook_input_term"].shape == (1, 3, 32)
+    assert cache["hook_latent"].shape == (1, 3, 64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,7 +387,7 @@ def _tiny_dir(tmp_path, edit_config=None, edit_state=None):
 ])
 def test_bad_config_fields_are_named(tmp_path, edit, match):
     with pytest.raises(LoadError, match=match):
-        load_parcae(_tiny_dir(tmp_path, edit_config=edit))
+        ll.load(_tiny_dir(tmp_path, edit_config=edit))
 
 
 def test_bad_class_name(tmp_path):
@@ -410,30 +396,36 @@ def test_bad_class_name(tmp_path):
     config["_class_name"] = "GPTConfig"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoadError, match="_class_name"):
-        load_parcae(folder)
+        ll.load(folder, family="parcae")
 
 
 def test_missing_and_misshapen_tensors(tmp_path):
     with pytest.raises(LoadError, match="transformer.adapter.B"):
-        load_parcae(_tiny_dir(tmp_path / "a", edit_state=lambda sd: sd.pop("transformer.adapter.B")))
+        ll.load(_tiny_dir(tmp_path / "a", edit_state=lambda sd: sd.pop("transformer.adapter.B")))
     with pytest.raises(LoadError, match="transformer.C.weight.*shape"):
-        load_parcae(_tiny_dir(tmp_path / "b", edit_state=lambda sd: sd.update({"transformer.C.weight": torch.zeros(3, 3)})))
+        ll.load(_tiny_dir(tmp_path / "b", edit_state=lambda sd: sd.update({"transformer.C.weight": torch.zeros(3, 3)})))
     with pytest.raises(LoadError, match="freqs_cis.*shape"):
-        load_parcae(_tiny_dir(tmp_path / "c", edit_state=lambda sd: sd.update({"freqs_cis": sd["freqs_cis"][:, :5]})))
+        ll.load(_tiny_dir(tmp_path / "c", edit_state=lambda sd: sd.update({"freqs_cis": sd["freqs_cis"][:, :5]})))
     with pytest.raises(LoadError, match="dtype"):
-        load_parcae(_tiny_dir(tmp_path / "d", edit_state=lambda sd: sd.update(
+        ll.load(_tiny_dir(tmp_path / "d", edit_state=lambda sd: sd.update(
             {"transformer.wte.weight": sd["transformer.wte.weight"].long()})))
     with pytest.warns(UnexpectedTensorsWarning, match="stray"):
-        load_parcae(_tiny_dir(tmp_path / "e", edit_state=lambda sd: sd.update({"stray": torch.zeros(1)})))
+        ll.load(_tiny_dir(tmp_path / "e", edit_state=lambda sd: sd.update({"stray": torch.zeros(1)})))
 
 
 def test_bad_forward_arguments(tiny):
     model, exp, _ = tiny
     with pytest.raises(ValueError, match="not both"):
-        parcae_forward(model, exp["input_ids"], 2, sampled_depths=True)
-    with pytest.raises(ValueError, match="tokens must lie"):
-        parcae_forward(model, exp["input_ids"] + 1000, 2)
+        model(exp["input_ids"], 2, sampled_depths=True)
+    with pytest.raises(ValueError, match="sampled_depths must be"):
+        model(exp["input_ids"], sampled_depths="yes")
+    with pytest.raises(ValueError, match="train_step"):
+        model(exp["input_ids"], sampled_depths=True, train_step=-1)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        model(exp["input_ids"] + 1000, 2)
     with pytest.raises(ValueError, match="freqs_cis"):
-        parcae_forward(model, torch.zeros(1, 65, dtype=torch.long), 1)
+        model(torch.zeros(1, 65, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="initial_state"):
-        parcae_forward(model, exp["input_ids"], 1, initial_state=torch.zeros(2, 11, 3))
+        model(exp["input_ids"], 1, initial_state=torch.zeros(2, 11, 3))
+    with pytest.raises(ValueError, match="sampled_depths"):
+        model.generate(exp["input_ids"], max_new_tokens=1, sampled_depths=True, verbose=False)
