@@ -363,6 +363,11 @@ class ParcaeMLP(nn.Module):
         self.proj = nn.Linear(d_mlp, d, bias=bias)
         self.act = NONLINS[nonlin]()
 
+    @property
+    def down_proj(self) -> nn.Linear:
+        """The output projection under the shared MLP's name (TransformerLens's `W_out` view reads it)."""
+        return self.proj
+
     def forward(self, x: Float[Tensor, "batch pos d"], hooks: Any) -> Float[Tensor, "batch pos d"]:
         h = self.fc(x)
         if self.gated:
@@ -384,6 +389,7 @@ class ParcaeBlock(nn.Module):
                                     clip_qkv=s.clip_qkv, ve=ve)
         self.ln2 = Norm(d, NORMS[s.norm], s.norm_eps)
         self.mlp = ParcaeMLP(d, d_mlp, gated=s.mlp == "GatedMLP", nonlin=s.nonlin, bias=s.bias)
+        self.ln1_post = self.ln2_post = None  # pre-norm only (TransformerLens's view asks)
 
     def forward(
         self,
@@ -643,6 +649,7 @@ class HookedParcaeTransformer(HookedLoopedTransformer):
             raise ConfigError(f"family: HookedParcaeTransformer builds family='parcae' configs, got {cfg.family!r}")
         self.settings = settings_of(cfg)
         self._run_opts: dict[str, Any] = {"sampled_depths": False, "train_step": 0}
+        self._readout_tokens: Optional[Tensor] = None  # the latest forward's tokens (for finish)
         super().__init__(cfg, tokenizer)
 
     def _build(self, cfg: LoopConfig) -> None:
@@ -732,15 +739,6 @@ class HookedParcaeTransformer(HookedLoopedTransformer):
                 input = args[0] if args else kwargs.get("input")
                 return self._sampled_loops(input, kwargs.get("n_loops", args[1] if len(args) > 1 else None))
         return super()._loops_of(args, kwargs)
-
-    def _prepare(self, input: Any, *args: Any, **kwargs: Any) -> Run:
-        """The base checks, then the run options; with sampled depths, each pass's active rows."""
-        run = super()._prepare(input, *args, **kwargs)
-        run.options.update(self._run_opts)
-        if self._run_opts["sampled_depths"]:
-            _, masks, depths = plain_call_schedule(self.settings, *run.tokens.shape, self._run_opts["train_step"])
-            run.options["active"] = None if masks is None else [m.to(run.tokens.device) for m in masks]
-        return run
 
     def generate(self, *args: Any, sampled_depths: bool = False, **kwargs: Any) -> Any:
         """`loop_lens.generation.generate`: a fixed count of recurrences per token (`n_loops=`,
@@ -837,6 +835,38 @@ class HookedParcaeTransformer(HookedLoopedTransformer):
         if s.logit_softcap is not None:
             logits = s.logit_softcap * torch.tanh(logits / s.logit_softcap)
         return logits
+
+    def _prepare(self, input: Any, *args: Any, **kwargs: Any) -> Run:
+        """The base checks, then the run options; with sampled depths, each pass's active rows.
+        Remembers the run's tokens for `finish` (the coda's value embeddings read them)."""
+        run = super()._prepare(input, *args, **kwargs)
+        run.options.update(self._run_opts)
+        if self._run_opts["sampled_depths"]:
+            _, masks, depths = plain_call_schedule(self.settings, *run.tokens.shape, self._run_opts["train_step"])
+            run.options["active"] = None if masks is None else [m.to(run.tokens.device) for m in masks]
+        self._readout_tokens = run.tokens
+        return run
+
+    def finish(self, state: Tensor, attention_mask: Optional[Tensor] = None, tokens: Any = None) -> Tensor:
+        """Logits from a recurrent state [batch, pos, d_state]: C, the coda, ln_f, lm_head (the coda
+        lens), unhooked. A coda layer that adds a value embedding reads the tokens: `tokens=`
+        [batch, pos], by default those of the model's latest forward run (`run_with_cache`: the
+        run a cache-based analysis reads), which must have the state's batch and length."""
+        B, S = state.shape[:2]
+        if tokens is not None:
+            tokens, _ = self.as_tokens(tokens, "tokens")
+        elif any(stage == "coda" for stage, _ in self.settings.value_embedding_sites()):
+            tokens = getattr(self, "_readout_tokens", None)
+            if tokens is None:
+                raise ValueError("finish / the coda lens: a coda layer of this Parcae model adds a value embedding of "
+                                 "the tokens; pass tokens= (no forward run to take them from yet)")
+        else:
+            tokens = torch.zeros(B, S, dtype=torch.long, device=state.device)  # read by no layer
+        if tuple(tokens.shape) != (B, S):
+            raise ValueError(f"finish / the coda lens: the tokens (tokens= or the latest run's) have shape "
+                             f"{tuple(tokens.shape)}, but the state is [batch, pos] = {(B, S)}; pass the state's tokens=")
+        rope = self._rope(S, state.device)
+        return self._readout(state, Run(tokens.to(state.device), 0, "last", attention_mask, None, rope, None))
 
     def _rope(self, S: int, device: torch.device, positions: Optional[Tensor] = None) -> Any:
         """(cos, sin) from the saved freqs_cis table, for 0..S-1 or per-row `positions`."""
