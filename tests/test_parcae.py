@@ -429,3 +429,149 @@ def test_bad_forward_arguments(tiny):
         model(exp["input_ids"], 1, initial_state=torch.zeros(2, 11, 3))
     with pytest.raises(ValueError, match="sampled_depths"):
         model.generate(exp["input_ids"], max_new_tokens=1, sampled_depths=True, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model on the core: detection, stop_at_layer, lenses, analyses, the report, generation, saving
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_detected_by_load(tiny):
+    """`_class_name: ParcaeConfig` decides the family, before Huginn's `transformer.core_block` tensors do."""
+    model, _, _ = tiny
+    config = json.loads((golden("parcae-tiny") / "config.json").read_text())
+    assert ll.adapters.detect_family(config, {"transformer.core_block.0.attn.c_q.weight": None}) == "parcae"
+    assert isinstance(model, HookedParcaeTransformer) and model.cfg.family == "parcae"
+    assert model.cfg.layout == "(2, 2 x 4, 2)" and "parcae" in ll.KNOWN_FAMILIES
+
+
+def test_stop_at_layer_is_each_layers_input(tiny):
+    """stop_at_layer=d returns the input of the layer at unrolled depth d (prelude, every
+    recurrence's core layers at the state width, coda), and the full depth the residual before ln_f."""
+    model, exp, _ = tiny
+    ids = exp["input_ids"]
+    _, cache = model.run_with_cache(ids, 3, seed=3, names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_resid_post")))
+    schedule = model.schedule(3)
+    assert schedule.depth == 2 + 3 * 2 + 2
+    for d, traversal in enumerate(schedule):
+        got = model(ids, 3, seed=3, stop_at_layer=d)
+        assert_hidden(got, cache[f"{traversal.prefix}.hook_resid_pre"])
+    assert_hidden(model(ids, 3, seed=3, stop_at_layer=schedule.depth), cache["coda.1.hook_resid_post"])
+
+
+def test_lenses(tiny):
+    """The logit lens of a recurrent state skips the coda: softcap(lm_head(ln_f(C(s))) * logit_scale)
+    (written out here); the coda lens of the last state is the model's output (the coda's value
+    embedding reads the run's tokens); widths that do not fit are refused by name."""
+    model, exp, _ = tiny
+    ids = exp["input_ids"]
+    logits, cache = model.run_with_cache(ids, 4, seed=1)
+    states = ll.analysis.lens_of_states(model, cache, lens="coda").logits
+    assert_logits(states[-1], logits)
+    s = cache["iter.2.hook_state_post"]
+    x = model.C(s).float()
+    by_hand = torch.nn.functional.rms_norm(x, (x.shape[-1],), model.ln_final.weight, model.ln_final.eps) @ model.unembed.weight.T
+    logit = ll.analysis.lens_of_states(model, cache, lens="logit").logits[2]
+    assert_logits(logit, by_hand * model.settings.logit_scale)
+    lens = ll.analysis.get_lens(model, "logit")
+    with pytest.raises(ValueError, match="logit lens at prelude.0.hook_resid_post reads width 64, got 3"):
+        lens(torch.zeros(1, 2, 3), "prelude.0.hook_resid_post")
+    with pytest.raises(ValueError, match="tokens"):
+        model.finish(s[:, :5])  # not the latest run's length
+    # the coda is causal: the first 5 positions alone (their tokens given) read as in the whole sequence
+    assert_logits(model.finish(s[:, :5], tokens=ids[:, :5]), model.finish(s, tokens=ids)[:, :5], scaled=True)
+
+
+def test_analyses_and_streaming(tiny):
+    """step_sizes / fixed_points / logit_lens run on the state-width stacks, and the streaming
+    versions (hooks reducing as the run goes) give the same numbers."""
+    model, exp, _ = tiny
+    ids = exp["input_ids"]
+    _, cache = model.run_with_cache(ids, 6, seed=2)
+    steps = ll.analysis.step_sizes(cache)
+    x = cache.stack("hook_resid_post")
+    by_hand = (x[1:] - x[:-1]).flatten(-2).norm(dim=-1)  # [T-1, L, B]: Frobenius over (pos, d)
+    assert torch.allclose(steps.norm[1:], by_hand, rtol=1e-5, atol=1e-6)
+    fp = ll.analysis.fixed_points(cache)
+    assert torch.allclose(fp.distance[-1], torch.zeros_like(fp.distance[-1]))
+    ll.analysis.logit_lens(model, cache, lens="coda")
+    streamed = ll.analysis.stream_analyses(model, ids, n_loops=6, seed=2)
+    assert torch.allclose(streamed.steps.norm[1:], steps.norm[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_report_cli(tmp_path, capsys):
+    """`loop-lens report DIR` on a Parcae checkpoint (the fixture with a word tokenizer)."""
+    from hostile import copy_golden, word_tokenizer
+
+    from loop_lens.cli import main
+
+    folder = copy_golden(golden("parcae-tiny"), tmp_path / "ckpt")
+    word_tokenizer([f"w{i}" for i in range(256)]).save(str(folder / "tokenizer.json"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w4 w5\nw9 w8 w7\n")
+    code = main(["report", str(folder), "--prompts", str(prompts), "--n-loops", "5", "--out", str(tmp_path / "r.html"),
+                 "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert code == 0, capsys.readouterr()
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    assert numbers["meta"]["layout"].startswith("(2, 2 x 4, 2)")
+    assert len(numbers["head_stability"]) == 2 * 4  # core layers x core heads
+    assert "Head stability" in (tmp_path / "r.html").read_text()
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_generation_kv_cache_equals_recompute(tiny, seed):
+    """Greedy and sampled generation with the KV cache equal recomputing the sequence each step
+    (the random start states drawn once per position); the default count is mean_recurrence."""
+    model, exp, _ = tiny
+    ids = exp["input_ids"]
+    kw = dict(max_new_tokens=6, verbose=False, stop_at_eos=False, return_type="result", seed=seed,
+              do_sample=seed is not None)
+    if seed is None:
+        kw["initial_state"] = "zeros"
+    cached = model.generate(ids, **kw)
+    fresh = model.generate(ids, use_past_kv_cache=False, **kw)
+    assert torch.equal(cached.tokens, fresh.tokens)
+    assert cached.n_loops == 4 and bool((cached.iterations == 4).all())
+    if seed is None:  # greedy from zeros: each new token is the argmax of a plain forward from zeros
+        seq = cached.tokens
+        logits = model(seq[:, :-1], initial_state=torch.zeros(*seq[:, :-1].shape, 64))
+        assert torch.equal(logits[:, ids.shape[1] - 1:].argmax(-1), seq[:, ids.shape[1]:])
+    with pytest.raises(ValueError, match="does not start at the prelude output"):
+        model.generate(ids, max_new_tokens=1, verbose=False, initial_state="embed")
+
+
+def test_generation_narrow_state(tmp_path):
+    """A state narrower than the model (its own heads) with value embeddings in the core: cached
+    generation equals recompute, from a random start (seed) and from zeros."""
+    c = {**pc.BASE, "n_embd": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "recurrent_embedding_dimension": 32,
+         "recurrent_num_attention_heads": 2, "recurrent_intermediation_embedding_dimension": 48}  # head width 16 in both
+    sd = pc.random_state_dict(c, 3)
+    assert _runnable(c, sd)
+    model = ll.load(pc.write_checkpoint(tmp_path / "ckpt", c, sd))
+    assert model.settings.d_state == 32 and model.settings.d_model == 64
+    ids = torch.randint(0, c["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(0))
+    for kw in ({"seed": 9}, {"initial_state": "zeros"}):
+        a = model.generate(ids, max_new_tokens=4, n_loops=3, verbose=False, stop_at_eos=False, return_type="tokens", **kw)
+        b = model.generate(ids, max_new_tokens=4, n_loops=3, verbose=False, stop_at_eos=False, return_type="tokens",
+                           use_past_kv_cache=False, **kw)
+        assert torch.equal(a, b)
+
+
+def test_native_save_round_trip(tiny, tmp_path):
+    """model.save writes the native format; ll.load rebuilds the same Parcae model from it."""
+    model, exp, _ = tiny
+    model.save(tmp_path / "native")
+    again = ll.load(tmp_path / "native")
+    assert isinstance(again, HookedParcaeTransformer) and again.settings == model.settings
+    assert torch.equal(again(exp["input_ids"], 3, seed=4), model(exp["input_ids"], 3, seed=4))
+
+
+def test_seeded_start_is_batch_independent(tiny):
+    """seed=: each prompt draws its own start state over its real tokens (alone = in a padded batch)."""
+    model, exp, _ = tiny
+    ids = exp["input_ids"]
+    alone = model(ids[1:, 3:], 2, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    batched = model(ids, 2, seed=11, attention_mask=mask)
+    assert_logits(batched[1, 3:], alone[0])
