@@ -537,7 +537,7 @@ def test_generation_kv_cache_equals_recompute(tiny, seed):
         logits = model(seq[:, :-1], initial_state=torch.zeros(*seq[:, :-1].shape, 64))
         assert torch.equal(logits[:, ids.shape[1] - 1:].argmax(-1), seq[:, ids.shape[1]:])
     with pytest.raises(ValueError, match="does not start at the prelude output"):
-        model.generate(ids, max_new_tokens=1, verbose=False, initial_state="embed")
+        model.generate(ids, max_new_tokens=1, verbose=False, stop_at_eos=False, initial_state="embed")
 
 
 def test_generation_narrow_state(tmp_path):
