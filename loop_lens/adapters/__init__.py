@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from loop_lens.adapters import dory, families, hrm_text
+from loop_lens.adapters import dory, families, hrm_text, parcae
 from loop_lens.adapters.io import TensorSource, assemble, read_config, read_safetensors, read_tensors
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
@@ -16,7 +16,7 @@ from loop_lens.saving import CONFIG_NAME, native_files
 from loop_lens.tokenization import load_tokenizer, read_tokenizer
 from loop_lens.zoo import zoo_path
 
-KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "hrm_text", "dory", "zoo")
+KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "hrm_text", "dory", "parcae", "zoo")
 
 __all__ = ["load", "loop", "from_hf", "from_bridge", "detect_family", "LoadError", "UnexpectedTensorsWarning", "KNOWN_FAMILIES"]
 
@@ -26,6 +26,8 @@ def detect_family(config: dict[str, Any], tensors: dict[str, Any]) -> str:
     kind = config.get("model_type")
     if kind in ("hrm_text", "dory"):
         return kind
+    if config.get("_class_name") == "ParcaeConfig":  # before Huginn: both name their core transformer.core_block
+        return "parcae"
     if kind == "ouro" or "model.layers.0.input_layernorm_2.weight" in tensors:
         return "ouro"
     if kind == "huginn_raven" or any(k.startswith("transformer.core_block.") for k in tensors):
@@ -95,6 +97,9 @@ def load(
             return hrm_text.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
         if family == "dory":
             return dory.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
+        if family == "parcae":
+            return parcae.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory),
+                                origin=str(directory / "config.json"))
         cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
         tokenizer = load_tokenizer(directory)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)

@@ -75,7 +75,12 @@ class LogitLens(Lens):
         hook: Optional[str] = None,
         attention_mask: Optional[Mask] = None,
     ) -> Float[Tensor, "*lead pos d_vocab"]:
-        """Logits of `x`; `attention_mask` is not needed (each position is read alone)."""
+        """Logits of `x`; `attention_mask` is not needed (each position is read alone). A model
+        whose states need more than the final norm (a state of its own width: Parcae's C) reads
+        them with its own `logit_lens_readout(x, hook, normed)`."""
+        own = getattr(self.model, "logit_lens_readout", None)
+        if own is not None:
+            return own(x, hook, self.normed(hook))
         if self.normed(hook):
             return self.model.unembed(x)
         return self.model.unembed(self.model.ln_final(x, NO_HOOKS))
