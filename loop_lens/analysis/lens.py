@@ -76,7 +76,7 @@ class LogitLens(Lens):
         attention_mask: Optional[Mask] = None,
     ) -> Float[Tensor, "*lead pos d_vocab"]:
         """Logits of `x`; `attention_mask` is not needed (each position is read alone). A model
-        whose states need more than the final norm (a state of its own width: Parcae's C) reads
+        whose states need more than the final norm (a state of its own width projected back) reads
         them with its own `logit_lens_readout(x, hook, normed)`."""
         own = getattr(self.model, "logit_lens_readout", None)
         if own is not None:

@@ -955,7 +955,7 @@ class HookedLoopedTransformer(HookedRootModule):
         `cfg.n_layers` = the unrolled depth, sharing these weights: hook names `hook_embed`,
         `blocks.{k}.*`, `ln_final.*`, TransformerLens's cfg, forward keywords, tokenizer helpers
         and weights stacked over depth, `loop_index(k)` back to (phase, iteration, layer).
-        `run_kwargs` (seed=, exit=, initial_state=, l_cycles=...) go to every forward.
+        `run_kwargs` (seed=, exit=, initial_state=, the family's run options...) go to every forward.
         See `loop_lens.model.unrolled.UnrolledModel` and docs/interop.md."""
         from loop_lens.model.unrolled import UnrolledModel
 
