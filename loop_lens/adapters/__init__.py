@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from loop_lens.adapters import families, hrm_text
+from loop_lens.adapters import families, hrm_text, inkling2
 from loop_lens.adapters.io import TensorSource, assemble, read_config, read_safetensors, read_tensors
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
@@ -16,7 +16,7 @@ from loop_lens.saving import CONFIG_NAME, native_files
 from loop_lens.tokenization import load_tokenizer, read_tokenizer
 from loop_lens.zoo import zoo_path
 
-KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "hrm_text", "zoo")
+KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "hrm_text", "inkling2", "zoo")
 
 __all__ = ["load", "loop", "from_hf", "from_bridge", "detect_family", "LoadError", "UnexpectedTensorsWarning", "KNOWN_FAMILIES"]
 
@@ -26,6 +26,8 @@ def detect_family(config: dict[str, Any], tensors: dict[str, Any]) -> str:
     kind = config.get("model_type")
     if kind == "hrm_text":
         return "hrm_text"
+    if kind in inkling2.MODEL_TYPES:
+        return "inkling2"
     if kind == "ouro" or "model.layers.0.input_layernorm_2.weight" in tensors:
         return "ouro"
     if kind == "huginn_raven" or any(k.startswith("transformer.core_block.") for k in tensors):
@@ -93,6 +95,8 @@ def load(
         src = TensorSource(tensors, origin, ignore=["freqs_cis"])
         if family == "hrm_text":
             return hrm_text.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
+        if family == "inkling2":
+            return inkling2.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
         cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
         tokenizer = load_tokenizer(directory)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
@@ -184,6 +188,8 @@ def from_hf(hf_model: Any, family: Optional[str] = None, device: Any = None, dty
     family = family or detect_family(config, tensors)
     if family == "hrm_text":
         return hrm_text.build(config, TensorSource(tensors, origin), dtype=dtype, device=device, tokenizer=tokenizer)
+    if family == "inkling2":
+        return inkling2.build(config, TensorSource(tensors, origin), dtype=dtype, device=device, tokenizer=tokenizer)
     if family not in families.LOOPED_FAMILIES:
         raise LoadError(f"unknown family {family!r}; known families: {list(families.LOOPED_FAMILIES)}")
     src = TensorSource(tensors, origin, ignore=["freqs_cis"])

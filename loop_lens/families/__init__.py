@@ -25,3 +25,4 @@ def model_class(family: str) -> type:
 
 
 register("hrm_text", "loop_lens.families.hrm", "HookedHrmTransformer")
+register("inkling2", "loop_lens.families.inkling2", "HookedInkling2Transformer")
