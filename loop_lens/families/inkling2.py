@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from loop_lens.cache import LoopCache
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, HookNameError
 from loop_lens.model import sites
@@ -274,13 +275,18 @@ class InklingAttention(nn.Module):
         self.rel_proj = nn.Parameter(torch.zeros(x["d_rel"], self.extent))
 
     def forward(self, xq: Tensor, xk: Tensor, xv: Tensor, hooks: Any, positions: Tensor,
-                pad_mask: Optional[Tensor]) -> Tensor:
+                pad_mask: Optional[Tensor], kv: Any = None) -> Tensor:
         B, S, _ = xq.shape
         dtype = xq.dtype
         q = hooks.hook_q(self.q_clip(self.q(xq).view(B, S, self.H, self.hd), positions))
         k = l2_clip(self.k_conv(self.k(xk), pad_mask, xk).view(B, S, self.K, self.hd).float(), self.k_threshold)
         k = hooks.hook_k(k.to(dtype))
         v = hooks.hook_v(_rms(self.v_conv(self.v(xv), pad_mask, xv).view(B, S, self.K, self.hd), self.eps).to(dtype))
+        if kv is not None:  # generation's view of the site: this call's keys after the cached ones
+            k_all, v_all = kv(k.transpose(1, 2), v.transpose(1, 2))
+            if k_all.shape[2] != S:
+                raise ValueError("Inkling 2 attention runs without a KV cache: its convolutions and relative bias "
+                                 "read the whole sequence (generation recomputes it: use_past_kv_cache=False)")
 
         dist = torch.arange(S, device=xq.device)[:, None] - torch.arange(S, device=xq.device)[None, :]
         rel = self.rel_clip(self.rel(xq).view(B, S, self.H, -1), positions)
@@ -365,8 +371,6 @@ class InklingLayer(nn.Module):
 
     def forward(self, h: Tensor, hooks: Any, rotary: Any, positions: Tensor, pad_mask: Optional[Tensor], kv: Any,
                 blocks: Tensor, messages: Optional[Tensor] = None) -> Tensor:
-        if kv is not None:
-            raise ValueError("Inkling 2 layers run without a KV cache (generation recomputes the sequence)")
         dtype = h.dtype
         h = hooks.hook_resid_pre(h)
         if self.attn_query is None:
@@ -388,7 +392,7 @@ class InklingLayer(nn.Module):
                 inputs = [self.message_gates[i](x, messages[..., i, :], getattr(gates, f"gate_{name}"))
                           for i, (x, name) in enumerate(zip(inputs, ("q", "k", "v")))]
             qkv = [norm(x) for norm, x in zip(self.ln_in, inputs)]
-        a = self.attn(*(t.to(dtype) for t in qkv), hooks.attn, positions, pad_mask)
+        a = self.attn(*(t.to(dtype) for t in qkv), hooks.attn, positions, pad_mask, kv)
         a = hooks.hook_attn_out(self.attn_conv(a, pad_mask)).float()
         if self.boundary:
             blocks, partial = torch.cat([blocks, h.unsqueeze(-2)], dim=-2), a
@@ -405,6 +409,17 @@ class InklingLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------- the model
+class InklingLoopCache(LoopCache):
+    """The LoopCache of an Inkling 2 run. Names and `stack` work as usual; the unrolled
+    TransformerLens view (`unrolled()`, `accumulated_resid`, `decompose_resid`, `logit_attrs`,
+    ...) refuses: those helpers read a residual stream, and Inkling 2 has none."""
+
+    def _unrolled_view(self) -> Any:
+        raise ValueError(f"TransformerLens's residual-stream helpers do not apply: {self.model._additivity_breaks(False)[0]}. "
+                         "Read the hook points themselves (cache['iter.{t}.blocks.{l}.hook_resid_post'], the depth "
+                         "weights hook_attn_depth / hook_mlp_depth, final.hook_weights) or model.finish(carry)")
+
+
 def check_config(cfg: LoopConfig) -> None:
     """Refuse an Inkling config whose switches do not fit together (ConfigError naming them)."""
     x = cfg.extra
@@ -440,6 +455,7 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
     """
 
     iteration_hooks_cls = staticmethod(InklingPassHooks)
+    _cache_cls = InklingLoopCache
     single_loop_refusal = ("Inkling 2 models (no single residual stream: block states and a partial sum, read "
                            "through learned depth mixes): run the model with run_with_cache / run_with_hooks and "
                            "use loop_lens.families.inkling2's analyses, or model.finish(carry) for the logits of a carry")
