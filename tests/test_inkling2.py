@@ -323,3 +323,88 @@ def test_analyses_on_a_run() -> None:
     gates = ink.message_gates(cache)
     assert gates.gate.shape == (2, ours.cfg.n_block, 4)
     assert bool(((gates.gate >= 0) & (gates.gate <= 1)).all()) and bool(((gates.keep >= 0) & (gates.keep <= 2)).all())
+
+
+# ---------------------------------------------------------------------- quantized experts
+def _transformers_dequantize(tensors: dict) -> torch.Tensor:
+    from transformers.core_model_loading import Inkling2LoopDequantizeExperts
+
+    patterns = ["w", "w_scale", "w_amax", "w_outer_scale_denominator"]
+    out = Inkling2LoopDequantizeExperts().convert({p: tensors[p] for p in patterns if p in tensors}, patterns, ["out"])
+    return out["out"]  # bf16: transformers falls back to bf16 without a model
+
+
+def test_nvfp4_dequantization_matches_transformers() -> None:
+    from loop_lens.adapters.inkling2 import dequantize_experts
+
+    g = torch.Generator().manual_seed(7)
+    E, rows, cols = 3, 4, 32
+    codes = torch.randint(0, 256, (E, rows, cols // 2), generator=g, dtype=torch.int64).to(torch.uint8)
+    scale = (torch.rand(E, rows, cols // 16, generator=g) * 2 + 0.1).to(torch.float8_e4m3fn)
+    amax, den = torch.rand(E, generator=g) + 0.5, torch.tensor(6.0 * 448.0)
+    want = _transformers_dequantize({"w": codes, "w_scale": scale, "w_amax": amax, "w_outer_scale_denominator": den})
+    got = dequantize_experts(codes, scale, amax, den)
+    assert got.shape == (E, rows, cols) and got.dtype == torch.float32
+    assert torch.equal(got.to(torch.bfloat16), want)
+    # one code by hand: byte 0x71 = high nibble 7 (6.0), low nibble 1 (0.5); the low nibble is the even element
+    one = dequantize_experts(torch.full((1, 1, 8), 0x71, dtype=torch.uint8), torch.ones(1, 1, 1).to(torch.float8_e4m3fn),
+                             torch.tensor([2.0]), torch.tensor(1.0))
+    assert one[0, 0, :2].tolist() == [1.0, 12.0]
+
+
+def test_mxfp8_dequantization_matches_transformers() -> None:
+    from loop_lens.adapters.inkling2 import dequantize_experts
+
+    g = torch.Generator().manual_seed(8)
+    E, rows, cols = 2, 3, 64
+    values = torch.randn(E, rows, cols, generator=g).to(torch.float8_e4m3fn)
+    scale = torch.randint(120, 134, (E, rows, cols // 32), generator=g).to(torch.uint8)
+    want = _transformers_dequantize({"w": values, "w_scale": scale})
+    got = dequantize_experts(values, scale)
+    assert torch.equal(got.to(torch.bfloat16), want)
+    assert torch.equal(got[..., :32], values[..., :32].float() * torch.exp2(scale[..., :1].float() - 127))
+
+
+def test_quantized_release_loads(tmp_path) -> None:
+    """A save_pretrained folder whose experts are replaced by their NVFP4 / MXFP8 quantization
+    loads to the model with the dequantized experts."""
+    from safetensors.torch import load_file, save_file
+
+    from loop_lens.adapters.inkling2 import dequantize_experts
+
+    ref, _ = pair(9)
+    ref.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(9)
+    expected = {}
+    for i, name in enumerate(sorted(k for k in tensors if k.endswith(("w13_weight", "w2_weight")))):
+        E, rows, cols = tensors[name].shape
+        if i % 2 == 0 and cols % 16 == 0:
+            codes = torch.randint(0, 256, (E, rows, cols // 2), generator=g, dtype=torch.int64).to(torch.uint8)
+            quant = {name: codes, name + "_scale": torch.ones(E, rows, cols // 16).to(torch.float8_e4m3fn),
+                     name + "_amax": torch.rand(E, generator=g) + 0.5, name + "_outer_scale_denominator": torch.tensor(4.0)}
+        elif cols % 32 == 0:
+            quant = {name: torch.randn(E, rows, cols, generator=g).to(torch.float8_e4m3fn),
+                     name + "_scale": torch.full((E, rows, cols // 32), 126, dtype=torch.uint8)}
+        else:
+            continue
+        tensors.update(quant)
+        expected[name] = dequantize_experts(*[quant.get(name + s) for s in ("", "_scale", "_amax", "_outer_scale_denominator")])
+    assert expected, "no expert tensor could be quantized at these sizes"
+    save_file(tensors, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = ll.load(tmp_path)
+    state = model.state_dict()
+    start = ref.config.loop_layer_index_start
+    for name, want in expected.items():
+        i = int(name.split(".layers.")[1].split(".")[0])
+        stack, l = ("prelude_blocks", i) if i < start else ("blocks", i - start) if i < ref.config.loop_layer_index_end \
+            else ("coda_blocks", i - ref.config.loop_layer_index_end)
+        if name.endswith("w2_weight"):
+            assert torch.equal(state[f"{stack}.{l}.mlp.down"], want)
+        else:
+            E, rows, d = want.shape
+            deinterleaved = want.reshape(E, rows // 2, 2, d).transpose(1, 2).reshape(E, rows, d)
+            assert torch.equal(state[f"{stack}.{l}.mlp.gate_up"], deinterleaved)

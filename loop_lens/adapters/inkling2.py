@@ -9,7 +9,11 @@ Two tensor layouts are read:
 - transformers' in-memory names (`model.layers.{i}.self_attn.q_proj.linear`, ..., or
   `model.language_model.*` for `Inkling2LoopForConditionalGeneration`), as `ll.from_hf` reads them.
 
-Quantized experts (NVFP4 / MXFP8: `w13_weight_scale`, `_amax`, ...) are refused with a LoadError.
+The release's quantized experts (in the release layout) are dequantized at load, as transformers'
+`Inkling2LoopDequantizeExperts` does: NVFP4 (`w13_weight` two E2M1 codes per byte, low nibble first,
+a float8 `_scale` per 16 values and a per-expert `_amax / _outer_scale_denominator`) and MXFP8
+(float8 values, a power-of-two `_scale` `2 ** (s - 127)` per 32 values). Keeping them packed is not
+implemented: the whole model is held dequantized.
 """
 
 from __future__ import annotations
@@ -36,8 +40,44 @@ _DEFAULTS = {  # transformers' Inkling2LoopTextConfig defaults, for keys a confi
 }
 _ALIASES = {"sliding_window_size": ("sliding_window",), "n_routed_experts": ("num_local_experts",),
             "conv_kernel_size": ("sconv_kernel_size",), "route_scale": ("routed_scaling_factor",)}
-_QUANTIZED = ("w13_weight_scale", "w13_weight_amax", "w2_weight_scale", "w2_weight_amax",
-              "gate_up_proj_scale_inv", "down_proj_scale_inv")
+_QUANTIZED = ("gate_up_proj_scale_inv", "down_proj_scale_inv")  # transformers' in-memory quantized experts
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""The 16 values of an FP4 (E2M1) code."""
+
+
+def dequantize_experts(weight: Tensor, scale: Tensor, amax: Optional[Tensor] = None,
+                       denominator: Optional[Tensor] = None, name: str = "experts") -> Tensor:
+    """Quantized expert weights -> fp32 [experts, rows, columns].
+
+    NVFP4 (`amax` given): `weight` [E, rows, columns / 2] bytes holding two E2M1 codes (the even
+    element in the low nibble), `scale` [E, rows, columns / 16] one float8 scale per 16 values, and
+    a per-expert factor `amax / denominator`. MXFP8: `weight` [E, rows, columns] float8 values,
+    `scale` [E, rows, columns / 32] exponents, each block times `2 ** (scale - 127)`."""
+    if weight.ndim != 3 or scale.ndim != 3 or scale.shape[:2] != weight.shape[:2]:
+        raise LoadError(f"{name}: quantized experts need a [experts, rows, ...] weight and scale, got "
+                        f"{tuple(weight.shape)} and {tuple(scale.shape)}")
+    E, rows = weight.shape[:2]
+    if amax is not None:
+        if denominator is None:
+            raise LoadError(f"{name}: NVFP4 experts have an _amax but no _outer_scale_denominator")
+        columns, block = 2 * weight.shape[2], 16
+        if scale.shape[2] * block != columns:
+            raise LoadError(f"{name}: NVFP4 scale {tuple(scale.shape)} does not give one scale per 16 of {columns} columns")
+        codes = weight.view(torch.uint8) if weight.dtype == torch.int8 else weight.to(torch.uint8)
+        table = torch.tensor(E2M1, dtype=torch.float32)
+        low, high = table[(codes & 0xF).long()], table[(codes >> 4).long()]
+        values = torch.stack([low, high], dim=-1).reshape(E, rows, columns // block, block) * scale.float()[..., None]
+        factor = (amax.float() / denominator.float()).reshape(-1)
+        factor = factor.expand(E) if factor.numel() == 1 else factor
+        if factor.numel() != E:
+            raise LoadError(f"{name}: NVFP4 _amax / _outer_scale_denominator give {factor.numel()} factors for {E} experts")
+        values = values * factor[:, None, None, None]
+    else:
+        columns, block = weight.shape[2], 32
+        if scale.shape[2] * block != columns:
+            raise LoadError(f"{name}: MXFP8 scale {tuple(scale.shape)} does not give one scale per 32 of {columns} columns")
+        values = weight.float().reshape(E, rows, columns // block, block) * torch.exp2(scale.float() - 127)[..., None]
+    return values.reshape(E, rows, columns)
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -118,10 +158,10 @@ def _layout(src: TensorSource) -> tuple[str, bool]:
 
 def inkling2_mapping(cfg: LoopConfig, src: TensorSource) -> Mapping:
     """`{our parameter: (checkpoint tensor, tensor)}` for an Inkling 2 state dict (either layout)."""
-    quantized = [k for k in src.tensors if k.rsplit(".", 1)[-1] in _QUANTIZED or k.endswith("_outer_scale_denominator")]
+    quantized = [k for k in src.tensors if k.rsplit(".", 1)[-1] in _QUANTIZED]
     if quantized:
-        raise LoadError(f"{src.origin} holds quantized experts ({quantized[0]!r}, ...): NVFP4 / MXFP8 experts are not "
-                        "supported yet; dequantize them first (transformers' from_pretrained, then ll.from_hf)")
+        raise LoadError(f"{src.origin} holds transformers' quantized experts ({quantized[0]!r}, ...): load the "
+                        "release's own files (ll.load on the checkpoint directory), which are dequantized here")
     prefix, original = _layout(src)
     out: Mapping = {}
     D = cfg.d_model
@@ -159,11 +199,12 @@ def inkling2_mapping(cfg: LoopConfig, src: TensorSource) -> Mapping:
                 put(f"{ours}.attn.{ours_name}", a + theirs)
             put(f"{ours}.mlp.router", lay + "mlp.gate.weight")
             put(f"{ours}.mlp.bias", lay + "mlp.gate.bias")
-            w13 = src.take(prefix + lay + "mlp.experts.w13_weight")  # rows interleaved: gate_0, up_0, gate_1, ...
+            w13 = _experts(src, prefix + lay + "mlp.experts.w13_weight")  # rows interleaved: gate_0, up_0, gate_1, ...
             E, rows, d = w13.shape
             out[f"{ours}.mlp.gate_up"] = (prefix + lay + "mlp.experts.w13_weight",
                                           w13.reshape(E, rows // 2, 2, d).transpose(1, 2).reshape(E, rows, d))
-            put(f"{ours}.mlp.down", lay + "mlp.experts.w2_weight")
+            out[f"{ours}.mlp.down"] = (prefix + lay + "mlp.experts.w2_weight",
+                                       _experts(src, prefix + lay + "mlp.experts.w2_weight"))
             norms = ["attn_norm"] if sliding else ["q_input_norm", "k_input_norm", "v_input_norm"]
             for j, name in enumerate(norms):
                 put(f"{ours}.ln_in.{j}.weight", lay + name + ".weight")
@@ -232,6 +273,16 @@ def inkling2_mapping(cfg: LoopConfig, src: TensorSource) -> Mapping:
         if name.startswith(("model.visual.", "model.vision_tower.")):
             src.used.add(name)
     return out
+
+
+def _experts(src: TensorSource, name: str) -> Tensor:
+    """An expert tensor of the release layout, dequantized when it comes with scales."""
+    weight = src.take(name)
+    if not src.has(name + "_scale"):
+        return weight
+    amax = src.take(name + "_amax") if src.has(name + "_amax") else None
+    den = name + "_outer_scale_denominator"
+    return dequantize_experts(weight, src.take(name + "_scale"), amax, src.take(den) if src.has(den) else None, name)
 
 
 def build(
