@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from loop_lens.adapters import dory, families, hrm_text, parcae
+from loop_lens.adapters import dory, families, hrm_text, inkling2, parcae
 from loop_lens.adapters.io import TensorSource, assemble, read_config, read_safetensors, read_tensors
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError, UnexpectedTensorsWarning
@@ -16,7 +16,9 @@ from loop_lens.saving import CONFIG_NAME, native_files
 from loop_lens.tokenization import load_tokenizer, read_tokenizer
 from loop_lens.zoo import zoo_path
 
-KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, "hrm_text", "dory", "parcae", "zoo")
+# families with a model class of their own: family -> build(config, tensors, dtype=, device=, tokenizer=, origin=)
+BUILDERS: dict[str, Any] = {"hrm_text": hrm_text.build, "dory": dory.build, "parcae": parcae.build, "inkling2": inkling2.build}
+KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, *BUILDERS, "zoo")
 
 __all__ = ["load", "loop", "from_hf", "from_bridge", "detect_family", "LoadError", "UnexpectedTensorsWarning", "KNOWN_FAMILIES"]
 
@@ -26,6 +28,8 @@ def detect_family(config: dict[str, Any], tensors: dict[str, Any]) -> str:
     kind = config.get("model_type")
     if kind in ("hrm_text", "dory"):
         return kind
+    if kind in inkling2.MODEL_TYPES:
+        return "inkling2"
     if config.get("_class_name") == "ParcaeConfig":  # before Huginn: both name their core transformer.core_block
         return "parcae"
     if kind == "ouro" or "model.layers.0.input_layernorm_2.weight" in tensors:
@@ -93,13 +97,9 @@ def load(
         tensors, origin = read_tensors(directory)
         family = family or detect_family(config, tensors)
         src = TensorSource(tensors, origin, ignore=["freqs_cis"])
-        if family == "hrm_text":
-            return hrm_text.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
-        if family == "dory":
-            return dory.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory))
-        if family == "parcae":
-            return parcae.build(config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory),
-                                origin=str(directory / "config.json"))
+        if family in BUILDERS:
+            return BUILDERS[family](config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory),
+                                    origin=str(directory / "config.json"))
         cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
         tokenizer = load_tokenizer(directory)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
@@ -189,10 +189,9 @@ def from_hf(hf_model: Any, family: Optional[str] = None, device: Any = None, dty
         L = config.get("num_hidden_layers") or config.get("n_layer")
         return loop(hf_model, block=(0, L), n_loops=1, device=device, dtype=dtype)
     family = family or detect_family(config, tensors)
-    if family == "hrm_text":
-        return hrm_text.build(config, TensorSource(tensors, origin), dtype=dtype, device=device, tokenizer=tokenizer)
-    if family == "dory":
-        return dory.build(config, TensorSource(tensors, origin), dtype=dtype, device=device, tokenizer=tokenizer)
+    if family in BUILDERS:
+        return BUILDERS[family](config, TensorSource(tensors, origin), dtype=dtype, device=device, tokenizer=tokenizer,
+                                origin=origin)
     if family not in families.LOOPED_FAMILIES:
         raise LoadError(f"unknown family {family!r}; known families: {list(families.LOOPED_FAMILIES)}")
     src = TensorSource(tensors, origin, ignore=["freqs_cis"])

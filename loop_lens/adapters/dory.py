@@ -251,6 +251,7 @@ def build(
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
     tokenizer: Any = None,
+    origin: str = "config.json",
 ) -> HookedDoryTransformer:
     """A Dory config dict + tensors -> a HookedDoryTransformer: every parameter mapped with a
     float tensor of the right shape (LoadError naming it otherwise); unused tensors warn once."""

@@ -122,6 +122,7 @@ def build(
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
     tokenizer: Any = None,
+    origin: str = "config.json",
 ) -> HookedHrmTransformer:
     """Config + tensors -> a HookedHrmTransformer; every parameter must be mapped with a float
     tensor of the right shape (LoadError naming it otherwise); unused tensors warn once."""

@@ -35,4 +35,5 @@ def register_run_option(name: str, help: str) -> None:
 register("hrm_text", "loop_lens.families.hrm", "HookedHrmTransformer")
 register("dory", "loop_lens.families.dory", "HookedDoryTransformer")
 register("parcae", "loop_lens.families.parcae", "HookedParcaeTransformer")
+register("inkling2", "loop_lens.families.inkling2", "HookedInkling2Transformer")
 register_run_option("l_cycles", "nested (HRM) models: L cycles per H cycle (default: the model's own; --n-loops sets the H cycles)")
