@@ -87,6 +87,7 @@ FAMILIES = {
              "loop_lens/zoo/train.py"}),  # the khop-hrm zoo recipe
     "dory": (r"\bdory", {"loop_lens/families/dory.py", "loop_lens/adapters/dory.py"}),
     "parcae": (r"\bparcae", {"loop_lens/families/parcae.py", "loop_lens/adapters/parcae.py"}),
+    "inkling2": (r"\binkling", {"loop_lens/families/inkling2.py", "loop_lens/adapters/inkling2.py"}),
 }
 
 
