@@ -11,8 +11,8 @@ import shutil
 import time
 
 import pytest
-from conftest import require, unavailable
-from test_report_security import HOSTILE_COMMAND, HOSTILE_NAME, hostile_model, hostile_prompts, hostile_vocab
+from conftest import require, tiny_model, unavailable
+from test_report_security import DELIMITER, HOSTILE_COMMAND, HOSTILE_NAME, hostile_model, hostile_prompts, hostile_vocab
 
 from loop_lens import load
 from loop_lens.report import build_report
@@ -167,3 +167,39 @@ def test_report_from_hostile_tokens_prompts_and_names_runs_no_injected_script(br
     assert browser.execute_script("return document.querySelectorAll('section').length;") == len(report.sections)
     errors = severe_errors(browser)
     assert not errors, errors
+
+
+URL_PAYLOADS = [
+    '<span style="background-image:url(http://127.0.0.9/bg.png)">s</span>',
+    '<img src="http://127.0.0.9/img.png">',
+    "<b>bold</b>",
+    '<a href="http://127.0.0.9/a">link</a>',
+]
+
+
+def test_generated_token_text_in_figures_fetches_nothing_and_renders_as_text(browser, tmp_path):
+    """With --generate, token text reaches plotly legends, ticks and hover text; plotly renders an
+    HTML subset there. Every figure string is escaped, so a token that is styled markup pointing at
+    a URL loads nothing (no resource but the page itself; the network is cut, so a fetch would also
+    log an error) and shows as its own text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model("pre", d_vocab=24, model_name="url-tokens")
+    vocab = [f"{URL_PAYLOADS[i % len(URL_PAYLOADS)]}\u00b7{i}" for i in range(24)]
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token=vocab[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(DELIMITER, behavior="removed")
+    model.tokenizer = tok
+    prompts = [DELIMITER.join(vocab[:8])]
+    report = build_report(model, prompts, n_loops=3, generate=6, progress=False)
+    assert "Compute per generated token" in [title for title, _ in report.sections]
+    page = report.save(tmp_path / "urls.html")
+    browser.get(page.resolve().as_uri())
+    time.sleep(1.5)  # let any background-image or img load start
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    assert [r for r in resources if not r.startswith(("file:", "data:", "blob:"))] == []
+    bold = browser.execute_script("return document.querySelectorAll('.plotly-graph-div b, .plotly-graph-div a').length;")
+    assert bold == 0
+    legend = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.plotly-graph-div .legendtext'), e => e.textContent).join(' ');")
+    assert "<b>bold</b>" in legend or "background-image" in legend  # shown as the token's own text
+    assert not severe_errors(browser), severe_errors(browser)
