@@ -196,6 +196,21 @@ def test_nan_weights_warn_at_load_naming_the_tensor(tmp_path):  # unclear error
         ll.load(golden("huginn-tiny"))  # finite weights: no warning
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_finiteness_check_reads_every_slice(dtype):
+    """`io.all_finite` (the load's NaN check, by slices): a NaN or infinity in any slice, the last
+    one included, is found; finite values whose sum overflows the slice's fp32 sum are not flagged."""
+    values = torch.randn(10_000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert io.all_finite(values, chunk=64) and io.all_finite(values.view(100, 100), chunk=64)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 5_000, 9_999):
+            broken = values.clone()
+            broken[where] = bad
+            assert not io.all_finite(broken, chunk=64), (bad, where)
+    big = torch.full((256,), torch.finfo(dtype).max, dtype=dtype)  # finite; the fp32 sum of a slice overflows (bf16, fp32)
+    assert io.all_finite(big, chunk=64) and io.all_finite(torch.arange(5)) and io.all_finite(torch.empty(0, dtype=dtype))
+
+
 @pytest.mark.parametrize("file", ["model.safetensors", "tokenizer.json", "config.json"])
 def test_symlinks_leading_outside_the_checkpoint_are_refused(tmp_path, file):  # unclear error / docs
     path = copy_golden(golden("huginn-tiny"), tmp_path / "ckpt")

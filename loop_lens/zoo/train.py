@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loop_lens.adapters import load
+from loop_lens.adapters.dory import dory_config
 from loop_lens.config import LoopConfig
 from loop_lens.errors import SaveError
 from loop_lens.families import model_class
@@ -36,6 +37,21 @@ from loop_lens.zoo import accuracy_axes
 from loop_lens.zoo.task import ANSWER_FROM, MAX_HOPS, SEQ_LEN, VOCAB, answers_after, make_tokenizer, sample
 
 _COMMON = dict(d_model=64, n_heads=4, d_mlp=128, d_vocab=len(VOCAB), n_ctx=SEQ_LEN, norm_eps=1e-6)
+
+
+def dory_fields(name: str, **config) -> dict:
+    """The `config.json` fields of a transformers `DoryConfig` at the zoo's widths (plus `config`);
+    `dory_config` maps them to a LoopConfig as `ll.load` maps a Dory checkpoint."""
+    return {"model_type": "dory", "_name_or_path": name, "hidden_size": _COMMON["d_model"],
+            "num_attention_heads": _COMMON["n_heads"], "num_key_value_heads": _COMMON["n_heads"],
+            "head_dim": _COMMON["d_model"] // _COMMON["n_heads"], "intermediate_size": _COMMON["d_mlp"],
+            "vocab_size": len(VOCAB), "max_position_embeddings": SEQ_LEN, **config}
+
+
+KHOP_DORY_FIELDS = dory_fields("khop-dory", num_hidden_layers=4, n_input_layers=1, n_recurrent_layers=2, n_output_layers=1,
+                               n_recurrent_loops=3, sliding_window=64, initializer_range=0.02, ngpt_alpha_init=0.25,
+                               tie_word_embeddings=False)
+"""zoo:khop-dory's config as transformers' DoryConfig fields (tests/test_zoo.py runs its weights in DoryForCausalLM)."""
 
 
 @dataclass
@@ -88,6 +104,17 @@ RECIPES = {
                        rope_style="rotate_half", rope_theta=10000.0, extra={"prefix_lm": False}),
         train_hops=[1, 2], loops=[2, 3, 4], steps=3000,
         description="HRM-Text-style nested recurrence: 1-layer H and L stacks, 2 L cycles per H cycle; trained with 2-4 H cycles per batch",
+        eval_loops=[1, 2, 3, 4, 6, 8],
+    ),
+    # Dory (NVIDIA's looped nGPT), configured as a transformers DoryConfig: (1, 2 x T, 1), every
+    # layer an nGPT layer on the unit sphere (learned lambda rates, sqk, s_gate, suv, logit scale,
+    # all at Dory's init); layer types as DoryConfig's default pattern (every fourth layer full
+    # attention, here the coda) with a sliding window of 64 > the task's 41 tokens, so no layer's
+    # view is cut; sliding and full layers keep their own RoPE thetas (1e4 and 1e7).
+    "khop-dory": Recipe(
+        cfg=dory_config(KHOP_DORY_FIELDS),
+        train_hops=[1, 2], loops=[2, 3, 4], steps=1800, lr=2e-3,
+        description="Dory-style looped nGPT (1, 2 x T, 1): unit-sphere layers, unit(h) + unit(e) at each pass; trained with 2-4 loops per batch",
         eval_loops=[1, 2, 3, 4, 6, 8],
     ),
 }
