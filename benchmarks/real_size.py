@@ -275,7 +275,7 @@ def main() -> None:
                         "cache_names_filter": "hook_resid_post only", **machine, **per_t}
                     merge_results(args.out, {"ratios": ratios, "figures": figures})
         if not args.skip_report:
-            html = directory / "report.html"
+            html = directory.parent / f"{directory.name}-report.html"  # beside the checkpoint: loop-lens refuses outputs inside one
             prompt = word_prompt(args.seq, OURO_1_4B["vocab_size"])
             r = run(REPORT, "report", str(directory), "--prompts", prompt, "--n-loops", str(args.report_loops),
                     "--out", str(html), "--quiet")

@@ -131,6 +131,19 @@ def make_bridge(hf_model, args):
     return bridge
 
 
+RSS_SAMPLER = r"""
+PAGE = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+peak_rss, running = [0], [True]
+def sample():
+    while running[0]:
+        peak_rss[0] = max(peak_rss[0], rss()); time.sleep(0.002)
+"""
+"""Resident-set sampling for a snippet run in its own process: `rss()`, and `sample()` keeping the
+peak in `peak_rss[0]` every 2 ms while `running[0]` (start it in a thread)."""
+
 MEMORY_SNIPPET = r"""
 import json, os, sys, threading, time, torch
 import loop_lens as ll
@@ -144,15 +157,7 @@ model = init_weights(ll.HookedLoopedTransformer(cfg), std=0.02, seed=0).to(devic
 tokens = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
 with torch.no_grad():
     model(tokens[:, :8], n_loops=2)
-PAGE = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-peak_rss, running = [0], [True]
-def sample():
-    while running[0]:
-        peak_rss[0] = max(peak_rss[0], rss()); time.sleep(0.002)
-if device.startswith("cuda"):
+""" + RSS_SAMPLER + r"""if device.startswith("cuda"):
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
     base = rss(); sampler = threading.Thread(target=sample, daemon=True); sampler.start()

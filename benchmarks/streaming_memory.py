@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from results_file import merge_results  # benchmarks/ is on sys.path when a script here runs
-from run import MEMORY_SNIPPET
+from run import MEMORY_SNIPPET, RSS_SAMPLER
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,21 +33,13 @@ model = ll.load("zoo:khop-huginn")
 tokens = model.to_tokens("b f e j i c f a j i h d a e c g d b g h | f 2 =")
 with torch.no_grad():
     stream_analyses(model, tokens, n_loops=2, seed=0)
-PAGE = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-peak, running = [0], [True]
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], rss()); time.sleep(0.002)
-base = rss(); sampler = threading.Thread(target=sample, daemon=True); sampler.start()
+""" + RSS_SAMPLER + r"""base = rss(); sampler = threading.Thread(target=sample, daemon=True); sampler.start()
 start = time.perf_counter()
 with torch.no_grad():
     stream_analyses(model, tokens, n_loops=T, seed=0)
 seconds = time.perf_counter() - start
 running[0] = False; sampler.join()
-print(json.dumps({"peak_bytes": max(peak[0], rss()) - base, "seconds": seconds}))
+print(json.dumps({"peak_bytes": max(peak_rss[0], rss()) - base, "seconds": seconds}))
 """
 
 

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, assemble
+from loop_lens.adapters.io import CheckpointConfig, TensorSource, assemble, check_weight_dtype
 from loop_lens.config import COUNT, FLAG, NUMBER, POSITIVE_INT, POSITIVE_NUMBER, LoopConfig, Rule, choice, show_value
 from loop_lens.errors import ConfigError, LoadError
 from loop_lens.families.dory import (
@@ -255,7 +255,6 @@ def build(
 ) -> HookedDoryTransformer:
     """A Dory config dict + tensors -> a HookedDoryTransformer: every parameter mapped with a
     float tensor of the right shape (LoadError naming it otherwise); unused tensors warn once."""
-    if dtype is not None and dtype not in WEIGHT_DTYPES:
-        raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
+    check_weight_dtype(dtype)
     cfg = dory_config(config)
     return assemble(cfg, dory_mapping(cfg, src), src, dtype=dtype, device=device, tokenizer=tokenizer)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from loop_lens.adapters.families import _rope_scaling, _rope_theta, _vocab
-from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, assemble
+from loop_lens.adapters.io import CheckpointConfig, TensorSource, assemble, check_weight_dtype
 from loop_lens.config import FLAG, POSITIVE_INT, POSITIVE_NUMBER, TEXT, LoopConfig
 from loop_lens.errors import LoadError
 from loop_lens.families.hrm import HookedHrmTransformer
@@ -126,8 +126,7 @@ def build(
 ) -> HookedHrmTransformer:
     """Config + tensors -> a HookedHrmTransformer; every parameter must be mapped with a float
     tensor of the right shape (LoadError naming it otherwise); unused tensors warn once."""
-    if dtype is not None and dtype not in WEIGHT_DTYPES:
-        raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
+    check_weight_dtype(dtype)
     cfg = hrm_text_config(config, src)
     mapped = hrm_text_mapping(cfg, src)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)

@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from loop_lens.adapters.io import WEIGHT_DTYPES, CheckpointConfig, TensorSource, assemble
+from loop_lens.adapters.io import CheckpointConfig, TensorSource, assemble, check_weight_dtype
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError
 from loop_lens.families.inkling2 import EXTRA_KEYS, FAMILY, HookedInkling2Transformer
@@ -295,8 +295,7 @@ def build(
 ) -> HookedInkling2Transformer:
     """Config + tensors -> a HookedInkling2Transformer; every parameter must be mapped with a float
     tensor of the right shape (LoadError naming it otherwise); unused tensors warn once."""
-    if dtype is not None and dtype not in WEIGHT_DTYPES:
-        raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
+    check_weight_dtype(dtype)
     cfg = inkling2_config(config)
     mapped = inkling2_mapping(cfg, src)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)

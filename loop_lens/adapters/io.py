@@ -344,6 +344,12 @@ def _no_init() -> Iterator[None]:
             setattr(torch.nn.init, name, fn)
 
 
+def check_weight_dtype(dtype: Any) -> None:
+    """A load dtype: None (the checkpoint's) or a floating-point weight dtype; LoadError otherwise."""
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
+
+
 def assemble(
     cfg: LoopConfig,
     mapped: dict[str, tuple[str, Tensor]],
@@ -361,8 +367,7 @@ def assemble(
     Nothing partial is returned: any problem raises LoadError. `mapped` and `source` are consumed
     (emptied) so that no second copy of the weights stays alive while they are converted.
     """
-    if dtype is not None and dtype not in WEIGHT_DTYPES:
-        raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
+    check_weight_dtype(dtype)
     check_sizes_against_tensors(cfg, mapped, source)
     try:
         with torch.device("meta"), _no_init():

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from loop_lens.adapters.io import WEIGHT_DTYPES, TensorSource, assemble
+from loop_lens.adapters.io import TensorSource, assemble, check_weight_dtype
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError
 from loop_lens.families.parcae import (
@@ -340,8 +340,7 @@ def build(config: dict[str, Any], src: TensorSource, dtype: Optional[torch.dtype
     """An official Parcae config dict + its tensors -> a HookedParcaeTransformer (in eval mode);
     LoadError naming the field or tensor for anything the official code would refuse or that does
     not fit. Nothing in the checkpoint is executed."""
-    if dtype is not None and dtype not in WEIGHT_DTYPES:
-        raise LoadError(f"dtype={dtype!r} is not a floating-point weight dtype; use one of {list(WEIGHT_DTYPES)}")
+    check_weight_dtype(dtype)
     settings = read_parcae_config(config, origin)
     name = config.get("name") if isinstance(config.get("name"), str) and config.get("name") else "parcae"
     cfg = parcae_config(settings, model_name=name)
