@@ -67,6 +67,13 @@ def test_listed_name_unreached_by_stop_at_layer_raises(model, tokens):
     # reached names are cached as before
     _, cache = model.run_with_cache(tokens, n_loops=3, stop_at_layer=depth_of, names_filter=["iter.0.blocks.1.hook_resid_post"])
     assert "iter.0.blocks.1.hook_resid_post" in cache
+    # a filter function whose every selected hook point lies past the stop raises too (the cache would be empty),
+    # while one that selects some reached names caches those
+    with pytest.raises(HookNameError, match="stop_at_layer"):
+        model.run_with_cache(tokens, n_loops=3, stop_at_layer=depth_of, names_filter=lambda n: n.startswith("iter.2."))
+    _, cache = model.run_with_cache(tokens, n_loops=3, stop_at_layer=depth_of, names_filter=lambda n: n.endswith("resid_post"))
+    assert "iter.0.blocks.1.hook_resid_post" in cache and "iter.2.blocks.0.hook_resid_post" not in cache
+    assert len(model.iter) == 0  # nothing left behind by the refused run
 
 
 def test_initial_state_zeros_string_equals_a_zero_tensor(tokens):

@@ -343,10 +343,17 @@ class HookLifecycle:
         self._release()
         return self
 
-    def _check_listed_reached(self, names_filter: Any, cache_dict: dict, stop_at_layer: Any) -> None:
+    def _check_listed_reached(self, names_filter: Any, cache_dict: dict, stop_at_layer: Any, wanted: Any = ()) -> None:
         """A hook name listed in names_filter that a stop_at_layer run never reached raises (as a
-        hook added on an iteration the run does not reach does)."""
-        if stop_at_layer is None or callable(names_filter) or names_filter is None:
+        hook added on an iteration the run does not reach does); so does a filter function whose
+        every selected name lies past the stop (the cache would be silently empty)."""
+        if stop_at_layer is None or names_filter is None:
+            return
+        if callable(names_filter):
+            if wanted and not cache_dict:
+                raise HookNameError(f"names_filter selects {len(wanted)} hook points of this run (e.g. {sorted(wanted)[:3]}), "
+                                    f"but the run stops at stop_at_layer={stop_at_layer} before any of them fires: the "
+                                    "cache would be empty. Use a larger stop_at_layer (or none)")
             return
         listed = [names_filter] if isinstance(names_filter, str) else list(names_filter)
         missing = [n for n in listed if n not in cache_dict]

@@ -484,7 +484,7 @@ class HookedLoopedTransformer(HookLifecycle, InputChecks, HookedRootModule):
         if not wanted:
             warnings.warn(f"names_filter {names_filter!r} matches no hook point of this run: the cache is empty", stacklevel=2)
         out, cache_dict = super().run_with_cache(*model_args, names_filter=wanted.__contains__, **kwargs)
-        self._check_listed_reached(names_filter, cache_dict, kwargs.get("stop_at_layer"))  # [tl-compat]
+        self._check_listed_reached(names_filter, cache_dict, kwargs.get("stop_at_layer"), wanted)
         if cache_dtype is not None:
             cache_dict = {k: v.to(cache_dtype) if v.is_floating_point() else v for k, v in cache_dict.items()}
         has_batch = not kwargs.get("remove_batch_dim", False)
