@@ -67,39 +67,40 @@ def letter_pairs(model, n: int, T: int, seed: int = 1) -> list:
     return out
 
 
+def _label(k: int, rule: str, restart: bool) -> str:
+    return f"steps_{k}" + ("" if k == 1 and rule == "left" else f"_{rule}") + ("" if restart else "_no_restart")
+
+
 def integrated_gradients(args) -> dict:
     """Pearson correlation with activation patching and the cost ratio (activation / attribution
-    seconds, same pair, medians over pairs) of attribution_patch(steps=k) on zoo:khop-huginn,
-    T = 6, held-out letter-corrupted pairs, per site and k; `restart=False` rows: the plain EAP-IG
-    path (every gradient from the interpolated runs)."""
-    from loop_lens.patching.attribution import _integrated
-    from loop_lens.patching.sites import _plan
-
+    seconds, same pair, medians over pairs) of attribution_patch(steps=k, rule=...) on
+    zoo:khop-huginn, T = 6, held-out letter-corrupted pairs, per site, k and rule; `_no_restart`
+    rows: restart=False (every gradient from the path's own rows, the plain EAP-IG path)."""
     model, T = ll.load("zoo:khop-huginn"), 6
     pairs = letter_pairs(model, args.prompts, T)
-    variants = [(k, True) for k in args.steps] + [(k, False) for k in args.steps if k > 1]
+    variants = [(1, "left", True)]
+    variants += [(k, rule, restart) for rule in args.rules for k in args.steps if k > 1 or rule != "left"
+                 for restart in (True, False)]
     out: dict = {}
     for site in ("resid_post", "head", "state"):
-        rows = {f"steps_{k}" + ("" if restart else "_no_restart"): {"corr": [], "ratio": []} for k, restart in variants}
+        rows = {_label(k, rule, restart): {"corr": [], "ratio": []} for k, rule, restart in variants}
         for clean, corrupt, metric in pairs:
             t0 = time.perf_counter()
             act = P.activation_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, batch_size=args.batch_size)
             t_act = time.perf_counter() - t0
-            for k, restart in variants:
+            for k, rule, restart in variants:
                 t0 = time.perf_counter()
-                if restart:
-                    att = P.attribution_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, steps=k)
-                else:
-                    att = _integrated(model, _plan(model, clean, corrupt, site, T, 0, None, None), metric, k, restart=False)
+                att = P.attribution_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, steps=k, rule=rule,
+                                          restart=restart)
                 t_att = time.perf_counter() - t0
-                row = rows[f"steps_{k}" + ("" if restart else "_no_restart")]
+                row = rows[_label(k, rule, restart)]
                 row["corr"].append(round(correlation(act, att), 4))
                 row["ratio"].append(round(t_act / t_att, 2))
         out[site] = {name: {"median": statistics.median(r["corr"]), "min": min(r["corr"]), "max": max(r["corr"]),
                             "per_pair": r["corr"], "activation_over_attribution_s_median": statistics.median(r["ratio"])}
                      for name, r in rows.items()}
         for name, r in out[site].items():
-            print(f"{site:10s} {name:18s} corr median {r['median']:6.3f} (min {r['min']:6.3f})  "
+            print(f"{site:10s} {name:30s} corr median {r['median']:6.3f} (min {r['min']:6.3f})  "
                   f"activation / attribution time {r['activation_over_attribution_s_median']:5.2f}x", flush=True)
     return {"model": "zoo:khop-huginn", "n_loops": T, "pairs": args.prompts,
             "pairs_how": "held-out 2-hop 'x 2 =' vs another start letter; metric logit(clean answer) - logit(corrupt answer)",
@@ -152,13 +153,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 4, 8, 16], help="attribution_patch steps= to compare")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16], help="attribution_patch steps= to compare")
+    parser.add_argument("--rules", nargs="+", default=["midpoint", "left"], help="attribution_patch rule= to compare")
     parser.add_argument("--only-ig", action="store_true", help="only the integrated-gradients agreement and cost")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only_ig:
         ig = integrated_gradients(args)
-        merge_results(args.out, {"patching": {"integrated_gradients": ig}})
+        merge_results(args.out, {"patching": {"attribution_quadrature": ig}})
         return
     if args.quick:
         args.n_loops, args.loop_every, args.repeats, args.prompts = 4, 8, 1, 2
@@ -221,7 +223,7 @@ def main() -> None:
         "ratios": {"loop_over_batched": t_loop / t_batched, "activation_over_attribution": t_batched / t_attr,
                    "activation_over_attribution_hook_points_premade": t_batched / statistics.median(kept)},
         "attribution_vs_activation_correlation": corr,
-        "integrated_gradients": ig,
+        "attribution_quadrature": ig,
     }
     merge_results(args.out, {"patching": patching})
     print(json.dumps(patching, indent=2))
