@@ -466,7 +466,7 @@ def test_integrated_gradients_add_up_to_the_whole_hook_patch(site, phase, t, lay
     target = whole_hook_patch(model, clean, corrupt, metric, name, T)
     errors = []
     for steps in (8, 128):
-        r = P.attribution_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, steps=steps)
+        r = P.attribution_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, steps=steps, rule="left")
         frame = r.to_frame()
         rows = frame[(frame.phase == phase) & (frame.iteration == t) & (frame.layer == layer)]
         assert len(rows) == clean.shape[1]
