@@ -67,7 +67,9 @@ def letter_pairs(model, n: int, T: int, seed: int = 1) -> list:
     return out
 
 
-def _label(k: int, rule: str, restart: bool) -> str:
+def _label(k: int, rule: str, restart: bool, path: str = "input") -> str:
+    if path == "hook":
+        return f"hook_path_steps_{k}_{rule}"
     return f"steps_{k}" + ("" if k == 1 and rule == "left" else f"_{rule}") + ("" if restart else "_no_restart")
 
 
@@ -75,25 +77,27 @@ def integrated_gradients(args) -> dict:
     """Pearson correlation with activation patching and the cost ratio (activation / attribution
     seconds, same pair, medians over pairs) of attribution_patch(steps=k, rule=...) on
     zoo:khop-huginn, T = 6, held-out letter-corrupted pairs, per site, k and rule; `_no_restart`
-    rows: restart=False (every gradient from the path's own rows, the plain EAP-IG path)."""
+    rows: restart=False (every gradient from the path's own rows, the plain EAP-IG path);
+    `hook_path_` rows: path="hook" (each hook point on its own straight line, Gauss-Legendre)."""
     model, T = ll.load("zoo:khop-huginn"), 6
     pairs = letter_pairs(model, args.prompts, T)
-    variants = [(1, "left", True)]
-    variants += [(k, rule, restart) for rule in args.rules for k in args.steps if k > 1 or rule != "left"
+    variants = [(1, "left", True, "input")]
+    variants += [(k, rule, restart, "input") for rule in args.rules for k in args.steps if k > 1 or rule != "left"
                  for restart in (True, False)]
+    variants += [(k, "gauss", True, "hook") for k in args.hook_steps]
     out: dict = {}
     for site in ("resid_post", "head", "state"):
-        rows = {_label(k, rule, restart): {"corr": [], "ratio": []} for k, rule, restart in variants}
+        rows = {_label(*v): {"corr": [], "ratio": []} for v in variants}
         for clean, corrupt, metric in pairs:
             t0 = time.perf_counter()
             act = P.activation_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, batch_size=args.batch_size)
             t_act = time.perf_counter() - t0
-            for k, rule, restart in variants:
+            for k, rule, restart, path in variants:
                 t0 = time.perf_counter()
                 att = P.attribution_patch(model, clean, corrupt, metric, site=site, n_loops=T, seed=0, steps=k, rule=rule,
-                                          restart=restart)
+                                          restart=restart, path=path)
                 t_att = time.perf_counter() - t0
-                row = rows[_label(k, rule, restart)]
+                row = rows[_label(k, rule, restart, path)]
                 row["corr"].append(round(correlation(act, att), 4))
                 row["ratio"].append(round(t_act / t_att, 2))
         out[site] = {name: {"median": statistics.median(r["corr"]), "min": min(r["corr"]), "max": max(r["corr"]),
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16], help="attribution_patch steps= to compare")
+    parser.add_argument("--hook-steps", type=int, nargs="+", default=[1, 2, 4], help="path='hook' steps= to compare")
     parser.add_argument("--rules", nargs="+", default=["midpoint", "left"], help="attribution_patch rule= to compare")
     parser.add_argument("--only-ig", action="store_true", help="only the integrated-gradients agreement and cost")
     args = parser.parse_args()

@@ -32,6 +32,7 @@ def attribution_patch(
     rule: Optional[str] = None,
     restart: bool = True,
     batch_size: int = 256,
+    path: str = "input",
 ) -> PatchingResult:
     """Attribution patching: a gradient estimate of activation patching's `metric(patched)` per
     site. Same arguments, sites and shapes as `activation_patch`; `metric` must be differentiable.
@@ -52,14 +53,33 @@ def attribution_patch(
     takes its gradient from rows that enter iteration t with the path's injected state and inject
     the corrupted input afterwards, as a patched run does; restart=False takes it from the path.
     Every path point and restart is a group of rows of one batched forward and backward (more
-    when they exceed `batch_size` rows); docs/patching.md: agreement and cost on the zoo models."""
+    when they exceed `batch_size` rows); docs/patching.md: agreement and cost on the zoo models.
+
+    path="hook": integrated gradients per hook point instead (as in Marks et al. 2024's sparse
+    feature circuits): rows that run the corrupted input with one hook point's patched positions
+    (for "head": every head of it) moved on the straight line to the clean values, everything
+    upstream corrupted as in a patched run; `value = m_corrupt + sum_i w_i g_i . (a_clean -
+    a_corrupt)` over the rule's points alpha_i (weights w_i; "gauss": Gauss-Legendre, default for
+    this path, exact for polynomials of degree 2k - 1). Each site's value converges to the patch
+    of that hook point's patched positions together (to the activation patch itself where one
+    position is patched); no restarts. Costs k row groups per hook point (plus the clean and
+    corrupted ones) in one forward and backward."""
     single_loop(model, "attribution_patch")
     steps = positive_int(steps, "steps")
-    rule = _rule(rule, steps)
+    if path not in ("input", "hook"):
+        raise ValueError(f"path must be 'input' or 'hook', got {path!r}")
+    if path == "hook":
+        rule = "gauss" if rule is None else rule
+        if rule not in RULES + ("gauss",):
+            raise ValueError(f"rule must be None or one of {list(RULES) + ['gauss']}, got {rule!r}")
+    else:
+        rule = _rule(rule, steps)
     batch_size = positive_int(batch_size, "batch_size")
     if not isinstance(restart, bool):
         raise ValueError(f"restart must be True or False, got {restart!r}")
     plan = _plan(model, clean, corrupt, site, n_loops, seed, positions, exit)
+    if path == "hook":
+        return _hook_path(model, plan, metric, steps, rule, batch_size)
     if steps > 1 or rule != "left":
         return _integrated(model, plan, metric, steps, rule, restart, batch_size)
     site, T, clean_tokens, corrupt_tokens, pos, seed, run, sites, shapes, names = plan
@@ -104,6 +124,8 @@ RULES = ("trapezoid", "midpoint", "left")
 def _rule(rule: Any, steps: int) -> str:
     if rule is None:
         return "left" if steps == 1 else "midpoint"
+    if rule == "gauss":
+        raise ValueError("rule='gauss' needs path='hook' (a straight path); the input path takes 'midpoint', 'trapezoid' or 'left'")
     if rule not in RULES:
         raise ValueError(f"rule must be None or one of {list(RULES)}, got {rule!r}")
     return rule
@@ -254,3 +276,87 @@ def _run_chunk(model: Any, chunk: list[tuple], alphas: list[float], weights: dic
             source = ("restart", t, i) if t in restarts and alphas[i] > 0 else ("path", i)
             if u == source:
                 grads[(n, i)] = torch.zeros_like(store[n][r : r + N]) if g is None else g[r : r + N].detach()
+
+
+def _line_nodes(rule: str, steps: int) -> list[tuple[float, float]]:
+    """(alpha, weight) points of a rule on the straight path alpha in [0, 1]."""
+    if rule == "gauss":
+        import numpy as np
+
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return [(float((xi + 1) / 2), float(wi / 2)) for xi, wi in zip(x, w)]
+    if rule == "midpoint":
+        return [((j + 0.5) / steps, 1 / steps) for j in range(steps)]
+    if rule == "left":
+        return [(j / steps, 1 / steps) for j in range(steps)]
+    return [(j / steps, (0.5 if j in (0, steps) else 1.0) / steps) for j in range(steps + 1)]  # trapezoid
+
+
+def _hook_path(model: Any, plan: _Plan, metric: Metric, steps: int, rule: str, batch_size: int) -> PatchingResult:
+    """`attribution_patch(..., path="hook")` (see there): row groups ("clean"), ("corrupt") and
+    (hook, point) for every hook point and point of the rule, split over forwards of at most
+    `batch_size` rows (each with its own clean and corrupted groups)."""
+    site, T, clean_tokens, corrupt_tokens, pos, seed, run, sites, shapes, names = plan
+    N = corrupt_tokens.shape[0]
+    points = _line_nodes(rule, steps)
+    index = torch.tensor(pos, device=corrupt_tokens.device)  # the patched positions (all for "head")
+    units = [(n, i) for n in names for i in range(len(points))]
+    per_forward = max(1, batch_size // N - 2)
+    terms: dict[str, Tensor] = {}
+    m_ends: dict[str, float] = {}
+    for c in range(0, len(units), per_forward):
+        chunk = [("clean",), ("corrupt",)] + units[c : c + per_forward]
+        row = {u: g * N for g, u in enumerate(chunk)}
+        tokens = torch.cat([clean_tokens if u == ("clean",) else corrupt_tokens for u in chunk])
+        store: dict[str, Tensor] = {}
+        delta: dict[str, Tensor] = {}
+
+        def leaf_embed(act: Tensor, hook: Any) -> Tensor:
+            return act.detach().requires_grad_(True)  # gradients flow even if the weights are frozen
+
+        def move(act: Tensor, hook: Any) -> Tensor:
+            lo = act[row[("corrupt",)] : row[("corrupt",)] + N].detach()
+            d = act[row[("clean",)] : row[("clean",)] + N].detach() - lo
+            d = torch.zeros_like(d).index_copy_(1, index, d.index_select(1, index))  # only the patched positions move
+            delta[hook.name] = d
+            out = act.clone()
+            for u, r in row.items():
+                if u[0] == hook.name:  # upstream is corrupted in these rows: act[r] is the corrupted value
+                    out[r : r + N] = act[r : r + N] + points[u[1]][0] * d
+            store[hook.name] = out
+            return out
+
+        mine = sorted({u[0] for u in chunk[2:]}, key=names.index)
+        with torch.enable_grad():
+            with model.hooks(fwd_hooks=[("hook_embed", leaf_embed)] + [(n, move) for n in mine]):
+                logits = model(tokens, **run)
+            groups = logits.view(len(chunk), N, *logits.shape[1:])
+            m_ends["clean"] = float(_scalar(metric(groups[0])).detach())
+            m_ends["corrupt"] = float(_scalar(metric(groups[1])).detach())
+            total = None
+            for g in range(2, len(chunk)):
+                m = _scalar(metric(groups[g]))
+                if not m.requires_grad:
+                    raise ValueError(_NOT_DIFFERENTIABLE)
+                total = m if total is None else total + m
+            got = dict(zip(mine, torch.autograd.grad(total, [store[n] for n in mine], allow_unused=True)))
+        with torch.no_grad():
+            for u in chunk[2:]:
+                n, i = u
+                g = got[n]
+                if g is None:
+                    continue
+                term = (points[i][1] * g[row[u] : row[u] + N] * delta[n]).float()
+                terms[n] = term if n not in terms else terms[n] + term
+    with torch.no_grad():
+        per_hook: dict[str, Tensor] = {}
+        width = model.cfg.n_heads if site == "head" else corrupt_tokens.shape[1]
+        for n in names:
+            if n not in terms:
+                per_hook[n] = torch.zeros(width)
+                continue
+            per_hook[n] = terms[n].sum(dim=(0, 1, 3)) if site == "head" else terms[n].sum(dim=(0, 2))
+        flat = torch.stack([per_hook[s.hook][s.index].cpu() for s in sites]) + m_ends["corrupt"]
+    return PatchingResult(**_split(flat, shapes, model), clean_metric=m_ends["clean"], corrupt_metric=m_ends["corrupt"],
+                          site=site, method="attribution", positions=None if site == "head" else pos, n_loops=T, seed=seed,
+                          str_tokens=_str_tokens(model, clean_tokens))
