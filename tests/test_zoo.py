@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 
 import loop_lens as ll
 from loop_lens import zoo
+from loop_lens.families.dory import HookedDoryTransformer
 from loop_lens.families.hrm import HookedHrmTransformer, NestedLoopCache
 from loop_lens.zoo import docs as zoo_docs
 from loop_lens.zoo import make_random
 from loop_lens.zoo.task import ANSWER_FROM, QUERIES, SEQ_LEN, answers_after, follow, sample
-from loop_lens.zoo.train import RECIPES, Curriculum, Recipe, evaluate, lr_factor, reevaluate, train
+from loop_lens.zoo.train import KHOP_DORY_FIELDS, RECIPES, Curriculum, Recipe, evaluate, lr_factor, reevaluate, train
 
-TRAINED = ["khop-huginn", "khop-ouro", "khop-ff", "khop-hrm"]
+TRAINED = ["khop-huginn", "khop-ouro", "khop-ff", "khop-hrm", "khop-dory"]
 README_PROMPT = "b f e j i c f a j i h d a e c g d b g h | f 2 ="  # README.md and docs/getting-started.md
 
 
@@ -217,6 +218,60 @@ def test_khop_hrm_cache_reads_every_cycle_and_the_logits_from_the_last_z_h():
     posts = [n for n in cache.keys() if n.endswith("hook_state_post")]
     assert posts == [f"iter.{h}.{part}hook_state_post" for h in range(3) for part in ("low.0.", "low.1.", "")]
     torch.testing.assert_close(model.unembed(cache["iter.2.hook_state_post"]), logits)
+
+
+def _dory_module_name(ours: str, cfg) -> str:
+    """transformers' DoryForCausalLM parameter name of one of our Dory parameters."""
+    if ours == "embed.weight":
+        return "model.embed_tokens.weight"
+    if ours.startswith("unembed."):
+        return "lm_head." + ours.split(".", 1)[1]
+    stack, layer, rest = ours.split(".", 2)
+    first = {"prelude_blocks": 0, "blocks": cfg.n_prelude, "coda_blocks": cfg.n_prelude + cfg.n_block}[stack]
+    return f"model.layers.{first + int(layer)}." + rest.replace("attn.", "self_attn.", 1)
+
+
+def test_khop_dory_runs_in_transformers_dory_to_the_same_logits():
+    """zoo:khop-dory is a Dory checkpoint: a HookedDoryTransformer whose config is what
+    `DoryConfig(**KHOP_DORY_FIELDS)` maps to, and transformers' own DoryForCausalLM of that config,
+    given the zoo weights, computes the same logits at the default 3 loops and at 1, 2 and 6."""
+    transformers = pytest.importorskip("transformers", minversion="5.25")
+    model = ll.load("zoo:khop-dory")
+    assert type(model) is HookedDoryTransformer and model.cfg == RECIPES["khop-dory"].cfg
+    assert (model.cfg.n_prelude, model.cfg.n_block, model.cfg.n_coda, model.cfg.default_loops) == (1, 2, 1, 3)
+    fields = {k: v for k, v in KHOP_DORY_FIELDS.items() if k not in ("model_type", "_name_or_path")}
+    hf = transformers.DoryForCausalLM(transformers.DoryConfig(**fields)).eval()
+    state = {_dory_module_name(name, model.cfg): p.detach() for name, p in model.named_parameters()}
+    assert set(state) == set(hf.state_dict())
+    hf.load_state_dict(state, strict=True)
+    for layer in model.blocks:  # the trained scales moved off their init: each is read
+        assert not torch.allclose(layer.lambda_1, torch.full_like(layer.lambda_1, 0.02))
+        assert not torch.allclose(layer.attn.sqk, torch.full_like(layer.attn.sqk, 0.02))
+    tokens = sample(8, [1, 2], torch.Generator().manual_seed(4), split="heldout").tokens
+    with torch.no_grad():
+        for T in (None, 1, 2, 6):
+            hf.config.n_recurrent_loops = T or 3
+            want = hf(tokens, use_cache=False).logits
+            torch.testing.assert_close(model(tokens, n_loops=T), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+MIN_DORY_ACCURACY = 0.95  # 1 hop at the default 3 loops; the card records 1.000 (2 hops were not learned: 0.14)
+
+
+def test_khop_dory_answers_from_text():
+    """Prompts given as text are answered right at the default 3 loops for 1 hop, at every question
+    (chance is about 1/9): the right answer is the letter `answers_after` reaches by following the
+    prompt's own pointers. (khop-dory did not learn 2 hops within its 20-minute budget: its card
+    says so, and the held-out check above holds it to the card's figures.)"""
+    model = ll.load("zoo:khop-dory")
+    for k in (1,):
+        batch = sample(64, [k], torch.Generator().manual_seed(5), split="heldout")
+        tokens = torch.cat([model.to_tokens(batch.text(i)) for i in range(len(batch.tokens))])
+        assert torch.equal(tokens, batch.tokens)
+        right = answers_after(tokens, k)
+        assert torch.equal(right, batch.answers)
+        pred = model(tokens)[:, ANSWER_FROM].argmax(-1)  # [prompt, question]
+        assert ((pred == right).float().mean(0) >= MIN_DORY_ACCURACY).all(), (k, (pred == right).float().mean(0))
 
 
 def package_files() -> dict:

@@ -113,7 +113,7 @@ RECIPES = {
     # view is cut; sliding and full layers keep their own RoPE thetas (1e4 and 1e7).
     "khop-dory": Recipe(
         cfg=dory_config(KHOP_DORY_FIELDS),
-        train_hops=[1, 2], loops=[2, 3, 4], steps=1800, lr=2e-3,
+        train_hops=[1, 2], loops=[2, 3, 4], steps=2600, lr=2e-3,
         description="Dory-style looped nGPT (1, 2 x T, 1): unit-sphere layers, unit(h) + unit(e) at each pass; trained with 2-4 loops per batch",
         eval_loops=[1, 2, 3, 4, 6, 8],
     ),
