@@ -85,7 +85,8 @@ FAMILIES = {
              "loop_lens/analysis/hierarchical.py",  # HRM's own analysis module
              "loop_lens/config.py",  # the `l_cycles` field of the saved loop_config.json
              "loop_lens/zoo/train.py"}),  # the khop-hrm zoo recipe
-    "dory": (r"\bdory", {"loop_lens/families/dory.py", "loop_lens/adapters/dory.py"}),
+    "dory": (r"\bdory", {"loop_lens/families/dory.py", "loop_lens/adapters/dory.py",
+                         "loop_lens/zoo/train.py"}),  # the khop-dory zoo recipe
     "parcae": (r"\bparcae", {"loop_lens/families/parcae.py", "loop_lens/adapters/parcae.py"}),
     "inkling2": (r"\binkling", {"loop_lens/families/inkling2.py", "loop_lens/adapters/inkling2.py"}),
 }
