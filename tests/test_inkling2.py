@@ -408,3 +408,129 @@ def test_quantized_release_loads(tmp_path) -> None:
             E, rows, d = want.shape
             deinterleaved = want.reshape(E, rows // 2, 2, d).transpose(1, 2).reshape(E, rows, d)
             assert torch.equal(state[f"{stack}.{l}.mlp.gate_up"], deinterleaved)
+
+
+# ---------------------------------------------------------------------- lenses, step sizes, fixed points, the report
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lens_state_is_the_carry_the_next_layer_reads(seed: int) -> None:
+    """The carry rebuilt from the cache at layer l is what layer l + 1 mixes over: its own depth
+    weights (hook_attn_depth, computed inside the forward) come out of it again."""
+    _, ours = pair(seed)
+    _, cache = ours.run_with_cache(tokens(seed), n_loops=3)
+    for t in range(3):
+        for l in range(ours.cfg.n_block - 1):
+            carry = ours.lens_state(cache, f"iter.{t}.blocks.{l}.hook_resid_post")
+            w, _ = ink.depth_attend(ours.blocks[l + 1].attn_query, carry.blocks, carry.hidden)
+            close(w, cache[f"iter.{t}.blocks.{l + 1}.hook_attn_depth"], f"pass {t} layer {l + 1} depth weights", 1e-5)
+        last = ours.lens_state(cache, f"iter.{t}.hook_state_post")
+        assert torch.equal(last.hidden, cache[f"iter.{t}.blocks.{ours.cfg.n_block - 1}.hook_resid_post"])
+    with pytest.raises(ValueError, match="loop layer's output"):
+        ours.lens_state(cache, "prelude.0.hook_resid_post")
+    with pytest.raises(TypeError, match="carry"):
+        ll.analysis.lens.LogitLens(ours)(cache["iter.0.blocks.0.hook_resid_post"])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lenses_end_in_the_models_logits(seed: int) -> None:
+    """The coda lens of a pass's last loop layer (and of its carry) is the model's output at that
+    many passes, which matches transformers; so is the logit lens where there is no coda."""
+    ref, ours = pair(seed)
+    x = tokens(seed)
+    T, K = 3, ours.cfg.n_block
+    _, cache = ours.run_with_cache(x, n_loops=T)
+    lenses = ["coda", "logit"] if ours.cfg.n_coda else ["logit"]
+    for name in lenses:
+        result = ll.analysis.logit_lens(ours, cache, lens=name, k=3)
+        states = ll.analysis.lens.lens_of_states(ours, cache, name)
+        assert result.top_ids.shape == (T, K, *x.shape, 3)
+        for t in range(T):
+            want = ref_logits(ref, x, t + 1)
+            if name == "coda" or ours.cfg.n_coda == 0:
+                close(states.logits[t], want, f"{name} lens of pass {t}'s carry")
+                assert torch.equal(result.top_ids[t, -1, ..., 0], want.argmax(-1)), f"{name} lens top-1, pass {t}"
+    # positions= reads the same numbers (the carry is sliced field by field)
+    part = ll.analysis.logit_lens(ours, cache, lens="logit", positions=[-1, 2])
+    full = ll.analysis.logit_lens(ours, cache, lens="logit")
+    close(part.top_probs[..., 0, :], full.top_probs[..., -1, :], "positions=[-1]")
+    close(part.top_probs[..., 1, :], full.top_probs[..., 2, :], "positions=[2]")
+
+
+def test_step_sizes_and_fixed_points_per_pass() -> None:
+    """Step sizes and fixed points measure each loop layer's output (the partial sum it returns)
+    across passes, as computed by hand from the cache."""
+    _, ours = pair(1)
+    x = tokens(1)
+    T = 4
+    _, cache = ours.run_with_cache(x, n_loops=T)
+    steps = ll.analysis.step_sizes(cache)
+    fp = ll.analysis.fixed_points(cache)
+    for l in range(ours.cfg.n_block):
+        outs = [cache[f"iter.{t}.blocks.{l}.hook_resid_post"].float() for t in range(T)]
+        for t in range(1, T):
+            d = (outs[t] - outs[t - 1]).flatten(1).norm(dim=-1)  # per prompt, over positions x width
+            close(steps.relative[t, l], d / outs[t].flatten(1).norm(dim=-1), f"relative step, pass {t} layer {l}")
+            close(steps.per_token[t, l], (outs[t] - outs[t - 1]).norm(dim=-1), f"per-token step, pass {t} layer {l}")
+        for t in range(T):
+            flat, star = outs[t].flatten(1), outs[-1].flatten(1)
+            close(fp.distance[t, l], (flat - star).norm(dim=-1), f"distance to the last pass, pass {t} layer {l}")
+    assert bool(steps.relative[0].isnan().all())
+
+
+def _word_tokenizer(folder, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_report_sections_match_the_analyses() -> None:
+    """build_report on an Inkling 2 model: its own sections, with the numbers the analyses give on
+    an independent run; no seed is passed (the model has no random start), head stability says why
+    it is not computed."""
+    from loop_lens.report import build_report
+
+    _, ours = pair(0)
+    x = tokens(7, (2, 6))
+    mask = torch.ones_like(x)
+    report = build_report(ours, x, n_loops=3, progress=False)
+    titles = [t for t, _ in report.sections]
+    for title in ("Router stabilisation across passes", "Message-gate openness per pass", "Attention mass on the sink",
+                  "Convergence of each block layer", "Head stability"):
+        assert title in titles
+    assert "Not computed" in str(dict(report.sections)["Head stability"])
+    _, cache = ours.run_with_cache(x, n_loops=3, attention_mask=mask)
+    stab = ink.router_stability(cache)
+    assert torch.equal(report.numbers["router_stability"]["overlap"], stab.mean_overlap())
+    gates = ink.message_gates(cache)
+    close(report.numbers["message_gates"]["gate"], gates.gate, "report message gates")
+    lens = ll.analysis.logit_lens(ours, cache, lens="coda" if ours.cfg.n_coda else "logit", positions=[-1])
+    assert torch.equal(report.numbers["lens_top1"], lens.top_ids[:, :, 0, 0, 0])
+    assert "head_stability" not in report.numbers
+    one = build_report(ours, x, n_loops=1, progress=False)
+    assert "one pass" in str(dict(one.sections)["Message-gate openness per pass"])
+
+
+def test_report_cli_on_a_saved_checkpoint(tmp_path) -> None:
+    """`loop-lens report DIR` on a save_pretrained Inkling 2 folder with a word-level tokenizer."""
+    import json
+
+    from loop_lens.cli import main
+
+    ref, ours = pair(2)
+    folder = tmp_path / "ckpt"
+    ref.save_pretrained(folder)
+    _word_tokenizer(folder, ours.cfg.d_vocab)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w4 w5 w6\nw7 w8 w9 w10\n")
+    code = main(["report", str(folder), "--prompts-file", str(prompts), "--n-loops", "3", "--out",
+                 str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json"), "--quiet", "--generate", "2"])
+    assert code in (0, None)
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    assert numbers["meta"]["family"] == "inkling2"
+    assert len(numbers["router_stability"]["overlap"]) == 3 and numbers["router_stability"]["overlap"][0] == \
+        [1.0] * ours.cfg.n_block
+    assert len(numbers["message_gates"]["gate"]) == 2
+    page = (tmp_path / "r.html").read_text()
+    assert "Router stabilisation across passes" in page and "Message-gate openness per pass" in page
+    assert len(numbers["generation"]["tokens"]) == 2

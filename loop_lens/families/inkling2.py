@@ -46,6 +46,7 @@ from loop_lens.errors import ConfigError, HookNameError
 from loop_lens.model import sites
 from loop_lens.model.hooks import NO_HOOKS, Hooks
 from loop_lens.model.looped import HookedLoopedTransformer
+from loop_lens.model.names import parse_hook_name
 from loop_lens.model.run import Run, StopAtLayer
 from loop_lens.model.schedule import Schedule, Step
 from loop_lens.model.sites import Site
@@ -621,6 +622,97 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
         S = state.hidden.shape[1]
         run = Run(state.hidden, 0, "last", attention_mask, None, self._rope(S, state.hidden.device), None)
         return self._readout(state, run)
+
+    # ------------------------------------------------------------------ the report
+    random_start = False
+    report_hooks = ("mlp.hook_experts", "mlp.hook_router_logits", "attn.hook_sink_mass",
+                    *(f"gate_{i}.hook_{g}" for i in MESSAGE_INPUTS for g in ("forget", "gate")))
+    report_heads_refusal = ("Inkling 2's layers differ in head count (sliding and full attention), its queries and keys "
+                            "pass short convolutions and L2 clips, and each query also attends to a sink, so the "
+                            "head-stability bound (kappa = ||W_Q W_K^T||) does not apply; the sink mass per pass and "
+                            "layer is shown below instead")
+
+    def _describe_layout(self, n_loops: int, options: dict[str, Any]) -> str:
+        c = self.cfg
+        return (f"Inkling 2: {c.n_prelude} prelude layers, {c.n_block} loop layers run {n_loops} times (pass 0 continues "
+                "from the prelude; each later pass restarts from the prelude's output and reads the previous pass only "
+                f"through gated messages), {c.n_coda} coda layers. There is no residual stream: a layer's output "
+                "(hook_resid_post, the state the convergence, fixed-point and trajectory sections measure) is the "
+                "partial sum since the last block boundary, and every sublayer reads a learned softmax over the stored "
+                "block states and that sum. The lens reads a layer's output with the block states stored up to it, "
+                "through the model's own final depth mix, final norm, unembedding and softcap (the coda lens runs "
+                "the coda first).")
+
+    def _report_sections(self, report: Any, cache: Any, tokens: Tensor, mask: Optional[Tensor], stabilisation_tol: float,
+                         convergence_tol: float) -> dict[str, Any]:
+        """Inkling 2's own sections: router stabilisation across passes, message-gate openness per
+        pass (from pass 1 on), and the attention mass on the sink per pass and layer. Returns their numbers."""
+        from loop_lens.report import _table_html
+        from loop_lens.viz import figure_html, parts
+
+        block = parts()
+        stab = router_stability(cache, attention_mask=mask)
+        overlap = stab.mean_overlap()  # [T, K]
+        entropy = _masked_mean(stab.entropy, mask)
+        rows = pd.DataFrame([{"pass": t, "loop layer": l, "expert overlap with pass 0": float(overlap[t, l]),
+                              "router entropy (nats)": float(entropy[t, l])}
+                             for t in range(overlap.shape[0]) for l in range(overlap.shape[1])])
+        report.sections.append(("Router stabilisation across passes", figure_html(stab.plot()) + block.note(
+            f"Per loop layer: the mean share of the {stab.top_k} chosen experts that pass 0 also chose at the same "
+            "token (1 = routes as pass 0), and the entropy of the router's normalised sigmoid scores, over real "
+            "tokens.") + _table_html(rows, index="")))
+        numbers: dict[str, Any] = {"router_stability": {"overlap": overlap, "entropy": entropy, "top_k": stab.top_k}}
+        sink = torch.stack([torch.stack([_masked_mean(_cache_get(cache, f"iter.{t}.blocks.{l}.attn.hook_sink_mass")
+                                                      .float().mean(1), mask) for l in range(self.cfg.n_block)])
+                            for t in range(cache.n_loops)])  # [T, K]
+        if cache.n_loops > 1:
+            gates = message_gates(cache, attention_mask=mask)
+            report.sections.append(("Message-gate openness per pass", figure_html(gates.plot()) + block.note(
+                "Passes after the first gate each loop layer's q / k / v / MLP inputs as (1 - f) x + g m with f = "
+                "tanh(W_f z), g = tanh(W_m z): gate = mean |g| (how much of the message enters), keep = mean 1 - f "
+                "(how much of the pass's own input stays), over real tokens and channels.")
+                + _table_html(gates.to_frame(), index="")))
+            numbers["message_gates"] = {"gate": gates.gate, "keep": gates.keep, "inputs": list(MESSAGE_INPUTS)}
+        else:
+            report.sections.append(("Message-gate openness per pass", block.note(
+                "This run has one pass: messages (and their gates) exist from pass 1 on.")))
+        frame = pd.DataFrame([{"pass": t, "loop layer": l, "sink mass": float(sink[t, l])}
+                              for t in range(sink.shape[0]) for l in range(sink.shape[1])])
+        report.sections.append(("Attention mass on the sink", block.note(
+            "The attention each query puts on the sink (an extra key with zero value), mean over heads and real "
+            "tokens, per pass and loop layer.") + _table_html(frame, index="")))
+        numbers["sink_mass"] = sink
+        return numbers
+
+    # ------------------------------------------------------------------ lenses
+    def lens_state(self, cache: Any, hook: str) -> InklingCarry:
+        """The carry at a loop layer's output, rebuilt from `cache`: `iter.{t}.blocks.{l}.hook_resid_post`
+        (the partial sum) with the block states stored up to that layer (the inputs, `hook_resid_pre`,
+        of every boundary layer in the prelude and in pass t up to l); `iter.{t}.hook_state_post` is
+        the carry leaving pass t. The lenses read it through the model's own final depth mix."""
+        parsed = parse_hook_name(hook)
+        t = parsed.iteration
+        if t is None or parsed.kind not in ("hook_resid_post", "hook_state_post") or \
+                (parsed.kind == "hook_resid_post" and parsed.layer is None):
+            raise ValueError(f"hook {hook!r}: an Inkling 2 lens reads a loop layer's output "
+                             "(iter.{t}.blocks.{l}.hook_resid_post) or a pass's carry (iter.{t}.hook_state_post)")
+        last = self.cfg.n_block - 1 if parsed.kind == "hook_state_post" else parsed.layer
+        hidden = _cache_get(cache, hook)
+        blocks = [_cache_get(cache, f"prelude.{l}.hook_resid_pre") for l, blk in enumerate(self.prelude_blocks)
+                  if blk.boundary]
+        blocks += [_cache_get(cache, f"iter.{t}.blocks.{l}.hook_resid_pre") for l in range(last + 1)
+                   if self.blocks[l].boundary]
+        return InklingCarry(hidden, torch.stack(blocks, dim=-2))
+
+    def logit_lens_readout(self, x: Any, hook: Optional[str], normed: bool) -> Tensor:
+        """The logit lens of a carry: the final depth mix over its block states and partial sum,
+        the final norm, the unembedding and the final softcap (`_unembed`), skipping the coda."""
+        if not isinstance(x, InklingCarry):
+            raise TypeError(f"x: Inkling 2's logit lens reads a carry InklingCarry(hidden, blocks), not a "
+                            f"{type(x).__name__}: a layer's output is a partial sum read through a depth mix over "
+                            "the block states; build the carry with model.lens_state(cache, hook) (logit_lens and "
+                            "lens_of_states do)")
+        return self._unembed(x, hooked=False)
 
     def generate(self, *args: Any, use_past_kv_cache: bool = False, **kwargs: Any) -> Any:
         """`HookedLoopedTransformer.generate`, recomputing the whole sequence at every step (Inkling
