@@ -218,16 +218,62 @@ def test_native_save_round_trip(tmp_path) -> None:
     assert torch.equal(back(x), ours(x))
 
 
-def test_greedy_generate_matches_transformers() -> None:
-    """Greedy tokens equal transformers' `generate` (which keeps per-pass KV and convolution caches)."""
-    ref, ours = pair(6)
-    x = tokens(66, (1, 5))
+@pytest.mark.parametrize("seed", [6, 0])
+def test_greedy_generate_matches_transformers(seed: int) -> None:
+    """Greedy tokens with our per-pass KV and convolution caches equal our recompute and
+    transformers' `generate` (which keeps per-pass caches too), on a left-padded batch; a
+    right-padded batch (re-laid out to the left) gives the same tokens."""
+    ref, ours = pair(seed)
+    x = tokens(66 + seed, (3, 6))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    kw = dict(max_new_tokens=6, verbose=False, stop_at_eos=False, return_type="tokens")
     with torch.no_grad():
-        want = ref.generate(x, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-    got = ours.generate(x, max_new_tokens=6, verbose=False, stop_at_eos=False, return_type="tokens")
-    assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="use_past_kv_cache"):
-        ours.generate(x, max_new_tokens=2, verbose=False, use_past_kv_cache=True)
+        want = ref.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    cached = ours.generate(x, attention_mask=mask, **kw)
+    recomputed = ours.generate(x, attention_mask=mask, use_past_kv_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached[:, 6:], want[:, 6:])
+    assert torch.equal(cached[:, :6][mask.bool()], x[mask.bool()])
+    right = torch.zeros_like(x)
+    right_mask = torch.zeros_like(mask)
+    for b in range(3):
+        n = int(mask[b].sum())
+        right[b, :n], right_mask[b, :n] = x[b, 6 - n:], 1
+    assert torch.equal(ours.generate(right, attention_mask=right_mask, **kw)[:, 6:], want[:, 6:])
+    with pytest.raises(ValueError, match="use_past_kv_cache=False"):
+        ours.generate(x, max_new_tokens=2, verbose=False, adaptive="argmax")
+    assert ours.generate(x, max_new_tokens=2, verbose=False, adaptive="argmax", threshold=1, stop_at_eos=False,
+                         use_past_kv_cache=False, return_type="tokens").shape == (3, 8)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cached_steps_equal_the_forward(seed: int) -> None:
+    """Each cached generation step (one new token against the kept keys, values and convolution
+    inputs of every prelude, (pass, layer) and coda site) gives the logits the full forward gives
+    at that position, at 1..3 passes; the layers see one new position per step."""
+    from loop_lens.generation import KVCache, _advance, _Plan
+
+    _, ours = pair(seed)
+    x = tokens(seed + 5, (2, 9))
+    positions = torch.arange(9).expand(2, 9)
+    ones = torch.ones_like(x)
+    for n in (1, 2, 3):
+        with torch.no_grad():
+            full = ours(x, n_loops=n)
+        cache, plan = KVCache(), _Plan(n, "last", None, 0.0)
+        seen = []
+        hook = (f"iter.{n - 1}.blocks.0.hook_resid_pre", lambda a, hook: seen.append(a.shape[1]))
+        with torch.no_grad(), ours.hooks(fwd_hooks=[hook]):
+            logits, _ = _advance(ours, plan, cache, x[:, :4], positions[:, :4], ones[:, :4], "zeros")
+            close(logits, full[:, 3], f"prompt step, n_loops={n}")
+            for i in range(4, 9):
+                logits, _ = _advance(ours, plan, cache, x[:, i:i + 1], positions[:, i:i + 1], ones[:, i:i + 1], "zeros")
+                close(logits, full[:, i], f"cached step at position {i}, n_loops={n}")
+        assert seen == [4, 1, 1, 1, 1, 1]
+        assert {name for state in cache.states.values() for name in state} == {"k_conv", "v_conv", "attn_conv", "mlp_conv"}
+        assert len(cache.states) == ours.cfg.n_prelude + n * ours.cfg.n_block + ours.cfg.n_coda
 
 
 def test_hook_names_and_refusals() -> None:

@@ -177,21 +177,30 @@ class ScaledClip(nn.Module):
         return (out.float() * tau[..., None, None]).to(x.dtype)
 
 
+def _with_past(inp: Tensor, past: Optional[Tensor], kernel: int) -> Tensor:
+    """[B, S, C] inputs after the `kernel - 1` earlier ones (`past`, generation's convolution
+    state; zeros at the start of a sequence)."""
+    if past is None:
+        past = inp.new_zeros(inp.shape[0], kernel - 1, inp.shape[2])
+    return torch.cat([past.to(inp.dtype), inp], dim=1)
+
+
 class ShortConv(nn.Module):
     """A causal depthwise convolution over the sequence (padding zeroed first), plus the input,
-    over sqrt(kernel + 1)."""
+    over sqrt(kernel + 1). Returns the output and the last `kernel - 1` (masked) inputs, the state
+    a later call continuing the sequence takes as `past`."""
 
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.kernel = kernel
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel))
 
-    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Optional[Tensor] = None,
+                past: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         xf = x.float()
-        inp = xf if pad_mask is None else xf * pad_mask[:, :, None]
-        out = F.conv1d(inp.transpose(1, 2), self.weight.float(), padding=self.kernel - 1, groups=x.shape[-1])
-        out = out[:, :, : x.shape[1]].transpose(1, 2)
-        return ((out + xf) / math.sqrt(self.kernel + 1)).to(x.dtype)
+        inp = _with_past(xf if pad_mask is None else xf * pad_mask[:, :, None], past, self.kernel)
+        out = F.conv1d(inp.transpose(1, 2), self.weight.float(), groups=x.shape[-1]).transpose(1, 2)
+        return ((out + xf) / math.sqrt(self.kernel + 1)).to(x.dtype), inp[:, inp.shape[1] - self.kernel + 1:]
 
 
 class DynamicShortConv(nn.Module):
@@ -205,16 +214,27 @@ class DynamicShortConv(nn.Module):
         self.static = nn.Parameter(torch.zeros(kernel, channels))
         self.proj = nn.Linear(d_in, heads * kernel, bias=False)
 
-    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Tensor,
+                past: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         B, S, C = x.shape
         K, H = self.kernel, self.heads
         taps = self.static.float().T.reshape(H, C // H, K) + self.proj(dynamic_input).float().view(B, S, H, 1, K)
         xf = x.float()
-        inp = xf if pad_mask is None else xf * pad_mask[:, :, None]
-        windows = F.pad(inp.transpose(1, 2), (K - 1, 0)).unfold(-1, K, 1).flip(-1)  # [B, C, S, K], [..., lag]
+        inp = _with_past(xf if pad_mask is None else xf * pad_mask[:, :, None], past, K)
+        windows = inp.transpose(1, 2).unfold(-1, K, 1).flip(-1)  # [B, C, S, K], [..., lag]
         windows = windows.transpose(1, 2).reshape(B, S, H, C // H, K)
         out = (windows * taps).sum(-1).reshape(B, S, C)
-        return ((out + xf) / math.sqrt(2 * K + 1)).to(x.dtype)
+        return ((out + xf) / math.sqrt(2 * K + 1)).to(x.dtype), inp[:, inp.shape[1] - K + 1:]
+
+
+def _conv(conv: nn.Module, name: str, x: Tensor, pad_mask: Optional[Tensor], kv: Any,
+          dynamic_input: Optional[Tensor] = None) -> Tensor:
+    """Run a short convolution; in generation, continue from the inputs the site kept last step
+    (its KV view's `past_state(name)`) and keep this call's last ones (`keep_state`)."""
+    out, tail = conv(x, pad_mask, dynamic_input, None if kv is None else kv.past_state(name))
+    if kv is not None:
+        kv.keep_state(name, tail)
+    return out
 
 
 def depth_attend(query: Tensor, blocks: Tensor, partial: Tensor) -> tuple[Tensor, Tensor]:
@@ -279,20 +299,20 @@ class InklingAttention(nn.Module):
                 pad_mask: Optional[Tensor], kv: Any = None) -> Tensor:
         B, S, _ = xq.shape
         dtype = xq.dtype
+        new_mask = None if pad_mask is None else pad_mask[:, -S:]  # this call's positions (generation: the new ones)
         q = hooks.hook_q(self.q_clip(self.q(xq).view(B, S, self.H, self.hd), positions))
-        k = l2_clip(self.k_conv(self.k(xk), pad_mask, xk).view(B, S, self.K, self.hd).float(), self.k_threshold)
-        k = hooks.hook_k(k.to(dtype))
-        v = hooks.hook_v(_rms(self.v_conv(self.v(xv), pad_mask, xv).view(B, S, self.K, self.hd), self.eps).to(dtype))
+        k = _conv(self.k_conv, "k_conv", self.k(xk), new_mask, kv, xk).view(B, S, self.K, self.hd)
+        k = hooks.hook_k(l2_clip(k.float(), self.k_threshold).to(dtype))
+        v = _conv(self.v_conv, "v_conv", self.v(xv), new_mask, kv, xv).view(B, S, self.K, self.hd)
+        v = hooks.hook_v(_rms(v, self.eps).to(dtype))
         if kv is not None:  # generation's view of the site: this call's keys after the cached ones
-            k_all, v_all = kv(k.transpose(1, 2), v.transpose(1, 2))
-            if k_all.shape[2] != S:
-                raise ValueError("Inkling 2 attention runs without a KV cache: its convolutions and relative bias "
-                                 "read the whole sequence (generation recomputes it: use_past_kv_cache=False)")
+            k, v = (a.transpose(1, 2) for a in kv(k.transpose(1, 2), v.transpose(1, 2)))
+        Sk = k.shape[1]
 
-        dist = torch.arange(S, device=xq.device)[:, None] - torch.arange(S, device=xq.device)[None, :]
+        dist = torch.arange(Sk - S, Sk, device=xq.device)[:, None] - torch.arange(Sk, device=xq.device)[None, :]
         rel = self.rel_clip(self.rel(xq).view(B, S, self.H, -1), positions)
         rel = (rel @ self.rel_proj.to(rel.dtype)).transpose(1, 2)  # [B, H, S, extent]
-        bias = rel.gather(-1, dist.clamp(0, self.extent - 1).expand(B, self.H, S, S))
+        bias = rel.gather(-1, dist.clamp(0, self.extent - 1).expand(B, self.H, S, Sk))
         bias = hooks.hook_rel_bias(bias.masked_fill((dist < 0) | (dist >= self.extent), 0.0))
         sink = hooks.hook_sink(self.sink(xq).transpose(1, 2))  # [B, H, S]
 
@@ -394,7 +414,8 @@ class InklingLayer(nn.Module):
                           for i, (x, name) in enumerate(zip(inputs, ("q", "k", "v")))]
             qkv = [norm(x) for norm, x in zip(self.ln_in, inputs)]
         a = self.attn(*(t.to(dtype) for t in qkv), hooks.attn, positions, pad_mask, kv)
-        a = hooks.hook_attn_out(self.attn_conv(a, pad_mask)).float()
+        new_mask = None if pad_mask is None else pad_mask[:, -h.shape[1]:]  # generation: the new positions
+        a = hooks.hook_attn_out(_conv(self.attn_conv, "attn_conv", a, new_mask, kv)).float()
         if self.boundary:
             blocks, partial = torch.cat([blocks, h.unsqueeze(-2)], dim=-2), a
         else:
@@ -405,7 +426,7 @@ class InklingLayer(nn.Module):
         m = torch.einsum("bsn,bsnd->bsd", w, stacked)
         if messages is not None:
             m = self.message_gates[3](m, messages[..., 3, :], gates.gate_mlp)
-        y = hooks.hook_mlp_out(self.mlp_conv(self.mlp(self.ln_mlp(m).to(dtype), hooks.mlp), pad_mask))
+        y = hooks.hook_mlp_out(_conv(self.mlp_conv, "mlp_conv", self.mlp(self.ln_mlp(m).to(dtype), hooks.mlp), new_mask, kv))
         return hooks.hook_resid_post((partial + y).to(dtype))
 
 
@@ -714,13 +735,16 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
                             "lens_of_states do)")
         return self._unembed(x, hooked=False)
 
-    def generate(self, *args: Any, use_past_kv_cache: bool = False, **kwargs: Any) -> Any:
-        """`HookedLoopedTransformer.generate`, recomputing the whole sequence at every step (Inkling
-        2's per-pass KV and convolution caches are not implemented: `use_past_kv_cache=True` is refused)."""
-        if use_past_kv_cache:
-            raise ValueError("use_past_kv_cache=True: Inkling 2's per-pass KV and convolution caches are not "
-                             "implemented; generation recomputes the sequence (use_past_kv_cache=False)")
-        return super().generate(*args, use_past_kv_cache=False, **kwargs)
+    def generate(self, *args: Any, use_past_kv_cache: bool = True, adaptive: Optional[str] = None, **kwargs: Any) -> Any:
+        """`HookedLoopedTransformer.generate` with per-pass caches: every (pass, layer) site keeps its
+        keys and values and the last inputs of its four short convolutions (K, V, attention output,
+        MoE output), as transformers' Inkling cache does. `adaptive=` exits need
+        `use_past_kv_cache=False` (the convolution state of a position that stopped iterating is not kept)."""
+        if use_past_kv_cache and adaptive is not None:
+            raise ValueError(f"adaptive={adaptive!r} with use_past_kv_cache=True: Inkling 2's per-pass convolution "
+                             "caches are not kept for positions that stop iterating early; pass "
+                             "use_past_kv_cache=False (generation then recomputes the sequence at every step)")
+        return super().generate(*args, use_past_kv_cache=use_past_kv_cache, adaptive=adaptive, **kwargs)
 
 
 # ---------------------------------------------------------------------- analyses
