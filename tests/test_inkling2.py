@@ -580,3 +580,83 @@ def test_report_cli_on_a_saved_checkpoint(tmp_path) -> None:
     page = (tmp_path / "r.html").read_text()
     assert "Router stabilisation across passes" in page and "Message-gate openness per pass" in page
     assert len(numbers["generation"]["tokens"]) == 2
+
+
+def _fully_quantized(tmp_path, seed: int):
+    """A save_pretrained folder of a random Inkling 2 whose every expert tensor is quantized:
+    w13 (columns = d_model = 16) as NVFP4, w2 (columns = d_mlp = 32) as MXFP8 in some layers and
+    NVFP4 (a per-expert amax, a scalar denominator) in others."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = random_config(seed)
+    cfg.hidden_size, cfg.moe_intermediate_size = 16, 32
+    torch.manual_seed(seed)
+    ref = Inkling2LoopForCausalLM(cfg).eval()
+    randomise(ref, seed)
+    ref.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(100 + seed)
+    for i, name in enumerate(sorted(k for k in tensors if k.endswith(("w13_weight", "w2_weight")))):
+        E, rows, cols = tensors[name].shape
+        if name.endswith("w2_weight") and i % 4 == 1:
+            tensors[name] = torch.randn(E, rows, cols, generator=g).to(torch.float8_e4m3fn)
+            tensors[name + "_scale"] = torch.randint(118, 128, (E, rows, cols // 32), generator=g).to(torch.uint8)
+        else:
+            tensors[name] = torch.randint(0, 256, (E, rows, cols // 2), generator=g, dtype=torch.int64).to(torch.uint8)
+            tensors[name + "_scale"] = (torch.rand(E, rows, cols // 16, generator=g) + 0.25).to(torch.float8_e4m3fn)
+            tensors[name + "_amax"] = torch.rand(E, generator=g) + 0.5
+            tensors[name + "_outer_scale_denominator"] = torch.tensor(6.0 * 448.0)
+    save_file(tensors, path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_packed_experts_equal_the_dequantized_model(tmp_path, seed: int) -> None:
+    """`ll.load(path, packed_experts=True)` keeps NVFP4 / MXFP8 experts packed and dequantizes one
+    expert per call: logits at several pass counts, padded batches, every cached tensor and greedy
+    generation are bit-equal to the model whose experts were dequantized at load."""
+    folder = _fully_quantized(tmp_path / "q", seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tensor used in both modes
+        dense = ll.load(folder)
+        packed = ll.load(folder, packed_experts=True)
+    assert isinstance(packed, ink.PackedInkling2Transformer) and not isinstance(dense, ink.PackedInkling2Transformer)
+    assert not any(".mlp.gate_up" in n or ".mlp.down" in n for n in packed.state_dict())
+    kinds = {type(m.factor).__name__ for m in packed.modules() if isinstance(m, ink.PackedExperts)}
+    assert kinds == {"Tensor", "NoneType"}, kinds  # NVFP4 (a factor) and MXFP8 (none) both kept packed
+    layer = packed.blocks[0].mlp
+    assert layer.gate_up.weight.dtype == torch.uint8 and layer.gate_up.scale.dtype == torch.float8_e4m3fn
+    for e in range(layer.gate_up.shape[0]):
+        assert torch.equal(layer.gate_up.expert(e), dense.blocks[0].mlp.gate_up[e])
+        assert torch.equal(layer.down.expert(e), dense.blocks[0].mlp.down[e])
+    x = tokens(seed + 20, (3, 7))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for n in (1, 2, 3):
+            assert torch.equal(packed(x, n_loops=n), dense(x, n_loops=n)), f"n_loops={n}"
+        assert torch.equal(packed(x, attention_mask=mask), dense(x, attention_mask=mask))
+    _, got = packed.run_with_cache(x, n_loops=2)
+    _, want = dense.run_with_cache(x, n_loops=2)
+    assert set(got.keys()) == set(want.keys())
+    for name in want.keys():
+        assert torch.equal(got[name], want[name]), name
+    kw = dict(max_new_tokens=4, verbose=False, stop_at_eos=False, return_type="tokens", attention_mask=mask)
+    assert torch.equal(packed.generate(x, **kw), dense.generate(x, **kw))
+    with pytest.raises(ll.errors.SaveError, match="packed"):
+        packed.save(tmp_path / "native")
+
+
+def test_packed_experts_refusals(tmp_path) -> None:
+    ref, ours = pair(4)
+    ref.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ll.LoadError, match="not quantized"):
+        ll.load(tmp_path / "dense", packed_experts=True)
+    with pytest.raises(ll.LoadError, match="packed_experts must be True or False"):
+        ll.load(tmp_path / "dense", packed_experts="yes")
+    with pytest.raises(ll.LoadError, match="not known for family"):
+        ll.load(tmp_path / "dense", pack=True)
+    ours.save(tmp_path / "native")
+    with pytest.raises(ll.LoadError, match="native"):
+        ll.load(tmp_path / "native", packed_experts=True)

@@ -42,7 +42,7 @@ from transformer_lens.hook_points import HookPoint
 
 from loop_lens.cache import LoopCache
 from loop_lens.config import LoopConfig
-from loop_lens.errors import ConfigError, HookNameError
+from loop_lens.errors import ConfigError, HookNameError, LoadError, SaveError
 from loop_lens.model import sites
 from loop_lens.model.hooks import NO_HOOKS, Hooks
 from loop_lens.model.looped import HookedLoopedTransformer
@@ -237,6 +237,45 @@ def _conv(conv: nn.Module, name: str, x: Tensor, pad_mask: Optional[Tensor], kv:
     return out
 
 
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""The 16 values of an FP4 (E2M1) code."""
+
+
+def dequantize_experts(weight: Tensor, scale: Tensor, amax: Optional[Tensor] = None,
+                       denominator: Optional[Tensor] = None, name: str = "experts") -> Tensor:
+    """Quantized expert weights -> fp32 [experts, rows, columns].
+
+    NVFP4 (`amax` given): `weight` [E, rows, columns / 2] bytes holding two E2M1 codes (the even
+    element in the low nibble), `scale` [E, rows, columns / 16] one float8 scale per 16 values, and
+    a per-expert factor `amax / denominator`. MXFP8: `weight` [E, rows, columns] float8 values,
+    `scale` [E, rows, columns / 32] exponents, each block times `2 ** (scale - 127)`."""
+    if weight.ndim != 3 or scale.ndim != 3 or scale.shape[:2] != weight.shape[:2]:
+        raise LoadError(f"{name}: quantized experts need a [experts, rows, ...] weight and scale, got "
+                        f"{tuple(weight.shape)} and {tuple(scale.shape)}")
+    E, rows = weight.shape[:2]
+    if amax is not None:
+        if denominator is None:
+            raise LoadError(f"{name}: NVFP4 experts have an _amax but no _outer_scale_denominator")
+        columns, block = 2 * weight.shape[2], 16
+        if scale.shape[2] * block != columns:
+            raise LoadError(f"{name}: NVFP4 scale {tuple(scale.shape)} does not give one scale per 16 of {columns} columns")
+        codes = weight.view(torch.uint8) if weight.dtype == torch.int8 else weight.to(torch.uint8)
+        table = torch.tensor(E2M1, dtype=torch.float32)
+        low, high = table[(codes & 0xF).long()], table[(codes >> 4).long()]
+        values = torch.stack([low, high], dim=-1).reshape(E, rows, columns // block, block) * scale.float()[..., None]
+        factor = (amax.float() / denominator.float()).reshape(-1)
+        factor = factor.expand(E) if factor.numel() == 1 else factor
+        if factor.numel() != E:
+            raise LoadError(f"{name}: NVFP4 _amax / _outer_scale_denominator give {factor.numel()} factors for {E} experts")
+        values = values * factor[:, None, None, None]
+    else:
+        columns, block = weight.shape[2], 32
+        if scale.shape[2] * block != columns:
+            raise LoadError(f"{name}: MXFP8 scale {tuple(scale.shape)} does not give one scale per 32 of {columns} columns")
+        values = weight.float().reshape(E, rows, columns // block, block) * torch.exp2(scale.float() - 127)[..., None]
+    return values.reshape(E, rows, columns)
+
+
 def depth_attend(query: Tensor, blocks: Tensor, partial: Tensor) -> tuple[Tensor, Tensor]:
     """Attention over depth: `query` [Q, D] reads the normalised [blocks..., partial] at every
     position. Returns the weights [B, S, Q, N] and the normalised stack [B, S, N, D]."""
@@ -332,19 +371,57 @@ class InklingAttention(nn.Module):
         return self.o((z.float() * gate).to(dtype).reshape(B, S, -1))
 
 
+class PackedExperts(nn.Module):
+    """Quantized expert weights kept as stored (NVFP4 codes or MXFP8 values, their block scales
+    and, for NVFP4, the per-expert factor amax / denominator), dequantized one expert at a time
+    (`expert(e)`: fp32 [rows, columns], bit-equal to `dequantize_experts` of the whole tensor).
+    The tensors are non-persistent buffers set after load (`set`)."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        super().__init__()
+        self.shape = shape
+        for name in ("weight", "scale", "factor"):
+            self.register_buffer(name, None, persistent=False)
+
+    def set(self, weight: Tensor, scale: Tensor, factor: Optional[Tensor], name: str) -> None:
+        E, rows, cols = self.shape
+        got = dequantize_experts(weight[:1], scale[:1], None if factor is None else factor[:1],
+                                 None if factor is None else torch.ones(()), name).shape[1:]
+        if weight.shape[0] != E or tuple(got) != (rows, cols):
+            raise LoadError(f"{name}: packed experts give [{weight.shape[0]}, {got[0]}, {got[1]}], expected {list(self.shape)}")
+        self.weight, self.scale, self.factor = weight, scale, factor
+
+    def expert(self, e: int) -> Tensor:
+        factor = None if self.factor is None else self.factor[e:e + 1]
+        one = None if factor is None else torch.ones((), device=factor.device)
+        return dequantize_experts(self.weight[e:e + 1], self.scale[e:e + 1], factor, one)[0]
+
+    def extra_repr(self) -> str:
+        kind = "MXFP8" if self.factor is None else "NVFP4"
+        return f"{kind}, {list(self.shape)}"
+
+
 class InklingMoE(nn.Module):
     """Sigmoid router with a correction bias on the choice only, top-k, weights normalised and
-    times `route_scale`; softcapped SwiGLU experts summed in fp32."""
+    times `route_scale`; softcapped SwiGLU experts summed in fp32. With `packed`, the experts
+    are `PackedExperts` dequantized per expert call."""
 
-    def __init__(self, cfg: LoopConfig, x: dict):
+    def __init__(self, cfg: LoopConfig, x: dict, packed: bool = False):
         super().__init__()
         E, D, M = x["n_routed_experts"], cfg.d_model, cfg.d_mlp
         self.top_k, self.scale = x["num_experts_per_tok"], x["route_scale"]
         self.gate_cap, self.up_cap = x["mlp_gate_softcap"], x["mlp_up_softcap"]
         self.router = nn.Parameter(torch.zeros(E, D))
         self.bias = nn.Parameter(torch.zeros(E), requires_grad=False)
-        self.gate_up = nn.Parameter(torch.zeros(E, 2 * M, D))  # [gate rows; up rows] per expert
-        self.down = nn.Parameter(torch.zeros(E, D, M))
+        if packed:
+            self.gate_up: Any = PackedExperts((E, 2 * M, D))
+            self.down: Any = PackedExperts((E, D, M))
+        else:
+            self.gate_up = nn.Parameter(torch.zeros(E, 2 * M, D))  # [gate rows; up rows] per expert
+            self.down = nn.Parameter(torch.zeros(E, D, M))
+
+    def _weight(self, which: Any, e: int, dtype: torch.dtype) -> Tensor:
+        return which.expert(e).to(dtype) if isinstance(which, PackedExperts) else which[e]
 
     def forward(self, x: Tensor, hooks: Any) -> Tensor:
         B, S, D = x.shape
@@ -358,10 +435,10 @@ class InklingMoE(nn.Module):
         out = torch.zeros(B * S, D, dtype=torch.float32, device=x.device)
         for e in idx.unique().tolist():
             tok, slot = torch.where(idx == e)
-            gate, up = F.linear(flat[tok], self.gate_up[e]).chunk(2, dim=-1)
+            gate, up = F.linear(flat[tok], self._weight(self.gate_up, e, x.dtype)).chunk(2, dim=-1)
             gate, up = gate.float(), up.float()
             h = (softcap(gate, self.gate_cap) * torch.sigmoid(gate) * softcap(up, self.up_cap)).to(x.dtype)
-            y = F.linear(h, self.down[e]) * w[tok, slot, None]
+            y = F.linear(h, self._weight(self.down, e, x.dtype)) * w[tok, slot, None]
             out.index_add_(0, tok, y.float())
         return out.to(x.dtype).view(B, S, D)
 
@@ -371,7 +448,7 @@ class InklingLayer(nn.Module):
     convolution, the block bookkeeping, the MLP depth mix, (message gate), MoE, its convolution.
     Returns the new partial sum (transformers' decoder layer output)."""
 
-    def __init__(self, cfg: LoopConfig, layer_idx: int, loop: bool):
+    def __init__(self, cfg: LoopConfig, layer_idx: int, loop: bool, packed: bool = False):
         super().__init__()
         x = cfg.extra
         D, eps = cfg.d_model, cfg.norm_eps
@@ -382,7 +459,7 @@ class InklingLayer(nn.Module):
         self.attn_query = nn.Parameter(torch.zeros(n_q, D)) if layer_idx > 0 else None
         self.mlp_query = nn.Parameter(torch.zeros(1, D))
         self.attn = InklingAttention(cfg, x, self.sliding)
-        self.mlp = InklingMoE(cfg, x)
+        self.mlp = InklingMoE(cfg, x, packed)
         self.ln_in = nn.ModuleList(RMSNorm(D, eps) for _ in range(n_q))  # one (sliding) or q, k, v (full)
         self.ln_mlp = RMSNorm(D, eps)
         self.attn_conv = ShortConv(D, x["conv_kernel_size"])
@@ -478,6 +555,7 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
 
     iteration_hooks_cls = staticmethod(InklingPassHooks)
     _cache_cls = InklingLoopCache
+    packed_experts = False  # PackedInkling2Transformer: quantized experts kept packed
     single_loop_refusal = ("Inkling 2 models (no single residual stream: block states and a partial sum, read "
                            "through learned depth mixes): run the model with run_with_cache / run_with_hooks and "
                            "use loop_lens.families.inkling2's analyses, or model.finish(carry) for the logits of a carry")
@@ -495,10 +573,11 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
         self.embed_norm = RMSNorm(D, cfg.norm_eps)
         self.hook_embed = HookPoint()  # [batch, pos, d_model], after the embedding norm
         P, K = cfg.n_prelude, cfg.n_block
-        self.prelude_blocks = nn.ModuleList(InklingLayer(cfg, l, False) for l in range(P))
+        packed = self.packed_experts
+        self.prelude_blocks = nn.ModuleList(InklingLayer(cfg, l, False, packed) for l in range(P))
         self.prelude = nn.ModuleList(Hooks(layer_paths(l, False)) for l in range(P))
-        self.blocks = nn.ModuleList(InklingLayer(cfg, P + l, True) for l in range(K))
-        self.coda_blocks = nn.ModuleList(InklingLayer(cfg, P + K + l, False) for l in range(cfg.n_coda))
+        self.blocks = nn.ModuleList(InklingLayer(cfg, P + l, True, packed) for l in range(K))
+        self.coda_blocks = nn.ModuleList(InklingLayer(cfg, P + K + l, False, packed) for l in range(cfg.n_coda))
         self.coda = nn.ModuleList(Hooks(layer_paths(P + K + l, False)) for l in range(cfg.n_coda))
         self.message_queries = nn.Parameter(torch.zeros(K, 4, D))
         self.final_query = nn.Parameter(torch.zeros(1, D))
@@ -745,6 +824,21 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
                              "caches are not kept for positions that stop iterating early; pass "
                              "use_past_kv_cache=False (generation then recomputes the sequence at every step)")
         return super().generate(*args, use_past_kv_cache=use_past_kv_cache, adaptive=adaptive, **kwargs)
+
+
+class PackedInkling2Transformer(HookedInkling2Transformer):
+    """Inkling 2 with the release's quantized experts kept packed (NVFP4 / MXFP8 as stored) and
+    dequantized one expert at a time when a token routes to it: `ll.load(path, packed_experts=True)`.
+    Its outputs equal the model whose experts are dequantized at load. Each layer's
+    `mlp.gate_up` / `mlp.down` is a `PackedExperts` (not a parameter), so `state_dict()` holds no
+    expert weights and `save` refuses; load with the dtype you want (`dtype=`) rather than casting
+    the model afterwards (a cast would also round the NVFP4 per-expert factors)."""
+
+    packed_experts = True
+
+    def save(self, directory: Any, overwrite: bool = False) -> Any:
+        raise SaveError("save: this Inkling 2 model keeps its experts packed (ll.load(..., packed_experts=True)), "
+                        "and a native save holds dense weights only; load it without packed_experts to save it")
 
 
 # ---------------------------------------------------------------------- analyses
