@@ -8,6 +8,9 @@ Semantics (`docs/generation.md` has the details):
 - The cache keeps keys and values (after RoPE) for every prelude layer, every (iteration, block
   layer) and every coda layer. With a fixed iteration count, cached generation equals
   recomputing the whole sequence at every step.
+- A layer may keep a state of its own per site between steps (`kv.past_state(name)` /
+  `kv.keep_state(name, tensor)` on its KV view: e.g. the last inputs of a causal convolution over
+  the sequence); it is committed with the step's keys, for the sites that ran.
 - Adaptive compute: each new token iterates until its criterion fires (checked after every
   iteration on the row's last position; the prompt exits as one group). A position that stopped
   after k iterations offers, at every later iteration t >= k, the keys and values it computed at
@@ -53,13 +56,18 @@ class KVCache:
         self.v: dict[Site, Tensor] = {}
         self.mask: Optional[Tensor] = None  # [batch, pos], 1 for real tokens
         self.length = 0
+        self.states: dict[Site, dict[str, Tensor]] = {}  # a layer's own per-site state (e.g. convolution inputs)
 
     def past(self, site: Site) -> Optional[tuple[Tensor, Tensor]]:
         """The cached keys and values of a site, or None before the first commit."""
         return (self.k[site], self.v[site]) if site in self.k else None
 
-    def commit(self, kv: dict[Site, tuple[Tensor, Tensor]], mask: Tensor) -> None:
-        """Append one step's keys and values (every site) and its positions' mask."""
+    def commit(self, kv: dict[Site, tuple[Tensor, Tensor]], mask: Tensor,
+               states: Optional[dict[Site, dict[str, Tensor]]] = None) -> None:
+        """Append one step's keys and values (every site) and its positions' mask; replace the
+        per-site states the step kept."""
+        for site, kept in (states or {}).items():
+            self.states.setdefault(site, {}).update(kept)
         for site, (k, v) in kv.items():
             self.k[site] = k if site not in self.k else torch.cat([self.k[site], k], dim=2)
             self.v[site] = v if site not in self.v else torch.cat([self.v[site], v], dim=2)
@@ -72,10 +80,12 @@ class _SiteView:
     compute) which positions still iterate; a frozen position offers its last computed keys."""
 
     def __init__(self, past: Optional[tuple[Tensor, Tensor]], live: Optional[Tensor] = None,
-                 last: Optional[tuple[Tensor, Tensor]] = None):
+                 last: Optional[tuple[Tensor, Tensor]] = None, states: Optional[dict[str, Tensor]] = None):
         """`past` cached keys/values, `live` [batch, pos] positions still iterating, `last` their
-        keys/values at the previous iteration of this layer."""
+        keys/values at the previous iteration of this layer, `states` the layer's own state kept
+        at this site by the previous step."""
         self.past, self.live, self.last = past, live, last
+        self.states = states or {}
         self.new: Optional[tuple[Tensor, Tensor]] = None
 
     def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,6 +176,7 @@ class _StepRun(Run):
         B, S = tokens.shape
         self.model, self.plan, self.cache, self.known, self.done = model, plan, cache, known, done
         self.commits: dict[Site, tuple[Tensor, Tensor]] = {}
+        self.state_commits: dict[Site, dict[str, Tensor]] = {}  # what layers kept per site this step
         self.last: dict[tuple, tuple[Tensor, Tensor]] = {}  # a pass's tail (site after ("iter", t)) -> its last keys
         self.deciding = known is None or bool((known < 0).any())
         self.criterion = (_Criterion(plan.adaptive, plan.threshold, B, model.cfg.d_vocab, tokens.device)
@@ -184,9 +195,11 @@ class _StepRun(Run):
 
     def kv(self, site: tuple, hooked: bool) -> _SiteView:
         read, writes = self.model._kv_policy(site, self.n_loops)
+        states = self.cache.states.get(read)
         if site[0] != "iter":
-            return _Committing(self, site, _SiteView(self.cache.past(read)), writes and (hooked or site[1] is not None))
-        return _Committing(self, site, _SiteView(self.cache.past(read), self.live, self.last.get(site[2:])), writes)
+            return _Committing(self, site, _SiteView(self.cache.past(read), states=states),
+                               writes and (hooked or site[1] is not None))
+        return _Committing(self, site, _SiteView(self.cache.past(read), self.live, self.last.get(site[2:]), states), writes)
 
     def running(self, t: int) -> bool:
         B, S = self.tokens.shape
@@ -219,7 +232,7 @@ class _StepRun(Run):
             for tail, kv in self.last.items():
                 if self.model._kv_policy(("iter", t, *tail), self.n_loops)[1]:  # a site that reads another's never writes
                     self.commits.setdefault(("iter", t, *tail), kv)
-        self.cache.commit(self.commits, new_mask)
+        self.cache.commit(self.commits, new_mask, self.state_commits)
         if self.known is not None and not self.deciding:
             return self.known.max(dim=1).values
         return self.exits
@@ -232,6 +245,15 @@ class _Committing:
 
     def __init__(self, run: _StepRun, site: tuple, view: _SiteView, commit: bool):
         self.run, self.site, self.view, self.commit = run, site, view, commit
+
+    def past_state(self, name: str) -> Optional[Tensor]:
+        """The layer's own state `name` kept at this site by the previous step (None at the first)."""
+        return self.view.states.get(name)
+
+    def keep_state(self, name: str, value: Tensor) -> None:
+        """Keep `value` as this site's state `name` for the next step (where this view commits)."""
+        if self.commit:
+            self.run.state_commits.setdefault(self.site, {})[name] = value
 
     def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         out = self.view(k, v)

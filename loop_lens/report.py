@@ -172,6 +172,7 @@ def build_report(
     seed = check_seed(seed)
     if threshold is not None:
         finite_number(threshold, "threshold")
+    start = {"seed": seed} if model.random_start else {}  # a family without a random start refuses seed=
     bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
     if bad:
         raise ValueError(f"the model's weights hold NaN or infinite values in {bad[:8]}{' ...' if len(bad) > 8 else ''}: "
@@ -211,16 +212,18 @@ def build_report(
                              "patching needs the same length")
     steps_bar = tqdm(total=7, desc="report", disable=not progress)
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, n_loops=T, attention_mask=mask, seed=seed,
-                                        names_filter=lambda n: n.endswith(REPORT_HOOKS), **run_kwargs)
+        hooks = REPORT_HOOKS + tuple(model.report_hooks)
+        logits, cache = model.run_with_cache(tokens, n_loops=T, attention_mask=mask, **start,
+                                             names_filter=lambda n: n.endswith(hooks), **run_kwargs)
     steps_bar.update()
     m = mask if not bool(mask.all()) else None
     steps = step_sizes(cache, mask=m)
     fp = fixed_points(cache, mask=m)
     sim = cyclic_similarity(cache, mask=m)
     steps_bar.update()
-    stab = attention_stability(model, cache, tokens, mask=m)
-    table = stab.table(tol=stabilisation_tol)
+    heads = model.report_heads_refusal is None
+    stab = attention_stability(model, cache, tokens, mask=m) if heads else None
+    table = stab.table(tol=stabilisation_tol) if heads else None
     steps_bar.update()
     # models with a coda (or a norm between loop and coda) read their states through it: the coda lens
     lens_name = "coda" if cfg.n_coda or cfg.norm_after_loop else "logit"
@@ -231,7 +234,7 @@ def build_report(
     traj = pca_trajectory(cache, position=pos, batch=0)
     steps_bar.update()
     str_tokens = model.to_str_tokens(tokens[0, :length0]) if model.tokenizer is not None else [str(t) for t in tokens[0, :length0].tolist()]
-    view, view_note = _attention_view(cache, str_tokens, length0)
+    view, view_note = _attention_view(cache, str_tokens, length0) if heads else (None, "")
     conv = steps.convergence_iteration(convergence_tol)
     meta = {
         "command": command or "(Python) loop_lens.report.build_report",
@@ -240,7 +243,7 @@ def build_report(
         "layout": f"{cfg.layout}  (run with n_loops = {T}"
                   + "".join(f", {k} = {v}" for k, v in cache.options.items()) + ")",
         "prompts": " | ".join(prompt_text)[:2000],
-        "seed": seed,
+        "seed": seed if start else "none (the model has no random start state)",
         "loop_lens": package_version("loop-lens"),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -261,13 +264,17 @@ def build_report(
         f"cos(X*_i, X*_j) with X* = the last iteration; min = {fp.min_layer_cosine:.4f} "
         f"({'degenerate: one shared point' if fp.degenerate() else 'distinct fixed points per layer'}).")))
     report.sections.append((f"{stack}Cyclic similarity of residual streams", figure_html(sim.plot())))
-    report.sections.append((f"{stack}Head stability", _table_html(table, "ll-head-table", sortable=True) + block.note(
-        "Click a column to sort. Stabilisation iteration: first t after which the Frobenius change of the pattern "
-        f"stays below {stabilisation_tol:g} (median over prompts; – = never). Head type, concentration (ColSum), "
-        "sink score and mixing at the last iteration. kappa = ||W_Q W_K^T||_2, the constant of the paper's bound "
-        "tying pattern change to the residual step.")))
-    report.sections.append((f"{stack}Attention per head and iteration", view.html(include_bundle=False)
-                            + (block.note(view_note) if view_note else "")))
+    if heads:
+        report.sections.append((f"{stack}Head stability", _table_html(table, "ll-head-table", sortable=True) + block.note(
+            "Click a column to sort. Stabilisation iteration: first t after which the Frobenius change of the pattern "
+            f"stays below {stabilisation_tol:g} (median over prompts; – = never). Head type, concentration (ColSum), "
+            "sink score and mixing at the last iteration. kappa = ||W_Q W_K^T||_2, the constant of the paper's bound "
+            "tying pattern change to the residual step.")))
+        report.sections.append((f"{stack}Attention per head and iteration", view.html(include_bundle=False)
+                                + (block.note(view_note) if view_note else "")))
+    else:
+        report.sections.append((f"{stack}Head stability", block.note(
+            f"Not computed for this model: {model.report_heads_refusal}")))
     report.sections.append((f"{stack}{lens_name.capitalize()} lens at position {pos}", block.note(
         f"The model predicts {_token_text(model, answer_id)!r} (p = {answer_prob:.3f}) at position {pos} after {T} "
         f"iterations. Each cell reads one (iteration, layer) output through the {lens_name} lens"
@@ -280,7 +287,7 @@ def build_report(
                                 block.note(patched.note) + _table_html(patched.result.top(10), index="")))
         extra["patching"] = {"metric": patched.note, "site": "resid_post", "normalized": patched.result.values}
     if generate:
-        gen = model.generate(tokens[:1, :length0], max_new_tokens=generate, n_loops=T, seed=seed, adaptive=adaptive,
+        gen = model.generate(tokens[:1, :length0], max_new_tokens=generate, n_loops=T, **start, adaptive=adaptive,
                              threshold=threshold, return_type="result", verbose=False, stop_at_eos=False, **run_kwargs)
         report.sections.append(("Compute per generated token", figure_html(gen.plot()) + block.note(
             f"{generate} tokens generated after prompt 0; mean {gen.mean_iterations:.2f} iterations per token "
@@ -293,8 +300,7 @@ def build_report(
     report.numbers = {
         "step_sizes": {"relative": steps.relative.mean(-1), "convergence_iteration": conv},
         "fixed_point_cosine": fp.layer_cosine,
-        "head_stability": table.to_dict(orient="records"),
-        "sink_rate": stab.sink_rate(),
+        **({"head_stability": table.to_dict(orient="records"), "sink_rate": stab.sink_rate()} if heads else {}),
         "prediction": {"position": pos, "token_id": answer_id, "token": _token_text(model, answer_id), "prob": answer_prob},
         "lens": lens_name,
         "lens_top1": lens.top_ids[:, :, 0, 0, 0],  # the lens read position `pos` only

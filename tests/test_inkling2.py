@@ -218,16 +218,62 @@ def test_native_save_round_trip(tmp_path) -> None:
     assert torch.equal(back(x), ours(x))
 
 
-def test_greedy_generate_matches_transformers() -> None:
-    """Greedy tokens equal transformers' `generate` (which keeps per-pass KV and convolution caches)."""
-    ref, ours = pair(6)
-    x = tokens(66, (1, 5))
+@pytest.mark.parametrize("seed", [6, 0])
+def test_greedy_generate_matches_transformers(seed: int) -> None:
+    """Greedy tokens with our per-pass KV and convolution caches equal our recompute and
+    transformers' `generate` (which keeps per-pass caches too), on a left-padded batch; a
+    right-padded batch (re-laid out to the left) gives the same tokens."""
+    ref, ours = pair(seed)
+    x = tokens(66 + seed, (3, 6))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    kw = dict(max_new_tokens=6, verbose=False, stop_at_eos=False, return_type="tokens")
     with torch.no_grad():
-        want = ref.generate(x, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-    got = ours.generate(x, max_new_tokens=6, verbose=False, stop_at_eos=False, return_type="tokens")
-    assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="use_past_kv_cache"):
-        ours.generate(x, max_new_tokens=2, verbose=False, use_past_kv_cache=True)
+        want = ref.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    cached = ours.generate(x, attention_mask=mask, **kw)
+    recomputed = ours.generate(x, attention_mask=mask, use_past_kv_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached[:, 6:], want[:, 6:])
+    assert torch.equal(cached[:, :6][mask.bool()], x[mask.bool()])
+    right = torch.zeros_like(x)
+    right_mask = torch.zeros_like(mask)
+    for b in range(3):
+        n = int(mask[b].sum())
+        right[b, :n], right_mask[b, :n] = x[b, 6 - n:], 1
+    assert torch.equal(ours.generate(right, attention_mask=right_mask, **kw)[:, 6:], want[:, 6:])
+    with pytest.raises(ValueError, match="use_past_kv_cache=False"):
+        ours.generate(x, max_new_tokens=2, verbose=False, adaptive="argmax")
+    assert ours.generate(x, max_new_tokens=2, verbose=False, adaptive="argmax", threshold=1, stop_at_eos=False,
+                         use_past_kv_cache=False, return_type="tokens").shape == (3, 8)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cached_steps_equal_the_forward(seed: int) -> None:
+    """Each cached generation step (one new token against the kept keys, values and convolution
+    inputs of every prelude, (pass, layer) and coda site) gives the logits the full forward gives
+    at that position, at 1..3 passes; the layers see one new position per step."""
+    from loop_lens.generation import KVCache, _advance, _Plan
+
+    _, ours = pair(seed)
+    x = tokens(seed + 5, (2, 9))
+    positions = torch.arange(9).expand(2, 9)
+    ones = torch.ones_like(x)
+    for n in (1, 2, 3):
+        with torch.no_grad():
+            full = ours(x, n_loops=n)
+        cache, plan = KVCache(), _Plan(n, "last", None, 0.0)
+        seen = []
+        hook = (f"iter.{n - 1}.blocks.0.hook_resid_pre", lambda a, hook: seen.append(a.shape[1]))
+        with torch.no_grad(), ours.hooks(fwd_hooks=[hook]):
+            logits, _ = _advance(ours, plan, cache, x[:, :4], positions[:, :4], ones[:, :4], "zeros")
+            close(logits, full[:, 3], f"prompt step, n_loops={n}")
+            for i in range(4, 9):
+                logits, _ = _advance(ours, plan, cache, x[:, i:i + 1], positions[:, i:i + 1], ones[:, i:i + 1], "zeros")
+                close(logits, full[:, i], f"cached step at position {i}, n_loops={n}")
+        assert seen == [4, 1, 1, 1, 1, 1]
+        assert {name for state in cache.states.values() for name in state} == {"k_conv", "v_conv", "attn_conv", "mlp_conv"}
+        assert len(cache.states) == ours.cfg.n_prelude + n * ours.cfg.n_block + ours.cfg.n_coda
 
 
 def test_hook_names_and_refusals() -> None:
@@ -408,3 +454,209 @@ def test_quantized_release_loads(tmp_path) -> None:
             E, rows, d = want.shape
             deinterleaved = want.reshape(E, rows // 2, 2, d).transpose(1, 2).reshape(E, rows, d)
             assert torch.equal(state[f"{stack}.{l}.mlp.gate_up"], deinterleaved)
+
+
+# ---------------------------------------------------------------------- lenses, step sizes, fixed points, the report
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lens_state_is_the_carry_the_next_layer_reads(seed: int) -> None:
+    """The carry rebuilt from the cache at layer l is what layer l + 1 mixes over: its own depth
+    weights (hook_attn_depth, computed inside the forward) come out of it again."""
+    _, ours = pair(seed)
+    _, cache = ours.run_with_cache(tokens(seed), n_loops=3)
+    for t in range(3):
+        for l in range(ours.cfg.n_block - 1):
+            carry = ours.lens_state(cache, f"iter.{t}.blocks.{l}.hook_resid_post")
+            w, _ = ink.depth_attend(ours.blocks[l + 1].attn_query, carry.blocks, carry.hidden)
+            close(w, cache[f"iter.{t}.blocks.{l + 1}.hook_attn_depth"], f"pass {t} layer {l + 1} depth weights", 1e-5)
+        last = ours.lens_state(cache, f"iter.{t}.hook_state_post")
+        assert torch.equal(last.hidden, cache[f"iter.{t}.blocks.{ours.cfg.n_block - 1}.hook_resid_post"])
+    with pytest.raises(ValueError, match="loop layer's output"):
+        ours.lens_state(cache, "prelude.0.hook_resid_post")
+    with pytest.raises(TypeError, match="carry"):
+        ll.analysis.lens.LogitLens(ours)(cache["iter.0.blocks.0.hook_resid_post"])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lenses_end_in_the_models_logits(seed: int) -> None:
+    """The coda lens of a pass's last loop layer (and of its carry) is the model's output at that
+    many passes, which matches transformers; so is the logit lens where there is no coda."""
+    ref, ours = pair(seed)
+    x = tokens(seed)
+    T, K = 3, ours.cfg.n_block
+    _, cache = ours.run_with_cache(x, n_loops=T)
+    lenses = ["coda", "logit"] if ours.cfg.n_coda else ["logit"]
+    for name in lenses:
+        result = ll.analysis.logit_lens(ours, cache, lens=name, k=3)
+        states = ll.analysis.lens.lens_of_states(ours, cache, name)
+        assert result.top_ids.shape == (T, K, *x.shape, 3)
+        for t in range(T):
+            want = ref_logits(ref, x, t + 1)
+            if name == "coda" or ours.cfg.n_coda == 0:
+                close(states.logits[t], want, f"{name} lens of pass {t}'s carry")
+                assert torch.equal(result.top_ids[t, -1, ..., 0], want.argmax(-1)), f"{name} lens top-1, pass {t}"
+    # positions= reads the same numbers (the carry is sliced field by field)
+    part = ll.analysis.logit_lens(ours, cache, lens="logit", positions=[-1, 2])
+    full = ll.analysis.logit_lens(ours, cache, lens="logit")
+    close(part.top_probs[..., 0, :], full.top_probs[..., -1, :], "positions=[-1]")
+    close(part.top_probs[..., 1, :], full.top_probs[..., 2, :], "positions=[2]")
+
+
+def test_step_sizes_and_fixed_points_per_pass() -> None:
+    """Step sizes and fixed points measure each loop layer's output (the partial sum it returns)
+    across passes, as computed by hand from the cache."""
+    _, ours = pair(1)
+    x = tokens(1)
+    T = 4
+    _, cache = ours.run_with_cache(x, n_loops=T)
+    steps = ll.analysis.step_sizes(cache)
+    fp = ll.analysis.fixed_points(cache)
+    for l in range(ours.cfg.n_block):
+        outs = [cache[f"iter.{t}.blocks.{l}.hook_resid_post"].float() for t in range(T)]
+        for t in range(1, T):
+            d = (outs[t] - outs[t - 1]).flatten(1).norm(dim=-1)  # per prompt, over positions x width
+            close(steps.relative[t, l], d / outs[t].flatten(1).norm(dim=-1), f"relative step, pass {t} layer {l}")
+            close(steps.per_token[t, l], (outs[t] - outs[t - 1]).norm(dim=-1), f"per-token step, pass {t} layer {l}")
+        for t in range(T):
+            flat, star = outs[t].flatten(1), outs[-1].flatten(1)
+            close(fp.distance[t, l], (flat - star).norm(dim=-1), f"distance to the last pass, pass {t} layer {l}")
+    assert bool(steps.relative[0].isnan().all())
+
+
+def _word_tokenizer(folder, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_report_sections_match_the_analyses() -> None:
+    """build_report on an Inkling 2 model: its own sections, with the numbers the analyses give on
+    an independent run; no seed is passed (the model has no random start), head stability says why
+    it is not computed."""
+    from loop_lens.report import build_report
+
+    _, ours = pair(0)
+    x = tokens(7, (2, 6))
+    mask = torch.ones_like(x)
+    report = build_report(ours, x, n_loops=3, progress=False)
+    titles = [t for t, _ in report.sections]
+    for title in ("Router stabilisation across passes", "Message-gate openness per pass", "Attention mass on the sink",
+                  "Convergence of each block layer", "Head stability"):
+        assert title in titles
+    assert "Not computed" in str(dict(report.sections)["Head stability"])
+    _, cache = ours.run_with_cache(x, n_loops=3, attention_mask=mask)
+    stab = ink.router_stability(cache)
+    assert torch.equal(report.numbers["router_stability"]["overlap"], stab.mean_overlap())
+    gates = ink.message_gates(cache)
+    close(report.numbers["message_gates"]["gate"], gates.gate, "report message gates")
+    lens = ll.analysis.logit_lens(ours, cache, lens="coda" if ours.cfg.n_coda else "logit", positions=[-1])
+    assert torch.equal(report.numbers["lens_top1"], lens.top_ids[:, :, 0, 0, 0])
+    assert "head_stability" not in report.numbers
+    one = build_report(ours, x, n_loops=1, progress=False)
+    assert "one pass" in str(dict(one.sections)["Message-gate openness per pass"])
+
+
+def test_report_cli_on_a_saved_checkpoint(tmp_path) -> None:
+    """`loop-lens report DIR` on a save_pretrained Inkling 2 folder with a word-level tokenizer."""
+    import json
+
+    from loop_lens.cli import main
+
+    ref, ours = pair(2)
+    folder = tmp_path / "ckpt"
+    ref.save_pretrained(folder)
+    _word_tokenizer(folder, ours.cfg.d_vocab)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w4 w5 w6\nw7 w8 w9 w10\n")
+    code = main(["report", str(folder), "--prompts-file", str(prompts), "--n-loops", "3", "--out",
+                 str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json"), "--quiet", "--generate", "2"])
+    assert code in (0, None)
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    assert numbers["meta"]["family"] == "inkling2"
+    assert len(numbers["router_stability"]["overlap"]) == 3 and numbers["router_stability"]["overlap"][0] == \
+        [1.0] * ours.cfg.n_block
+    assert len(numbers["message_gates"]["gate"]) == 2
+    page = (tmp_path / "r.html").read_text()
+    assert "Router stabilisation across passes" in page and "Message-gate openness per pass" in page
+    assert len(numbers["generation"]["tokens"]) == 2
+
+
+def _fully_quantized(tmp_path, seed: int):
+    """A save_pretrained folder of a random Inkling 2 whose every expert tensor is quantized:
+    w13 (columns = d_model = 16) as NVFP4, w2 (columns = d_mlp = 32) as MXFP8 in some layers and
+    NVFP4 (a per-expert amax, a scalar denominator) in others."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = random_config(seed)
+    cfg.hidden_size, cfg.moe_intermediate_size = 16, 32
+    torch.manual_seed(seed)
+    ref = Inkling2LoopForCausalLM(cfg).eval()
+    randomise(ref, seed)
+    ref.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(100 + seed)
+    for i, name in enumerate(sorted(k for k in tensors if k.endswith(("w13_weight", "w2_weight")))):
+        E, rows, cols = tensors[name].shape
+        if name.endswith("w2_weight") and i % 4 == 1:
+            tensors[name] = torch.randn(E, rows, cols, generator=g).to(torch.float8_e4m3fn)
+            tensors[name + "_scale"] = torch.randint(118, 128, (E, rows, cols // 32), generator=g).to(torch.uint8)
+        else:
+            tensors[name] = torch.randint(0, 256, (E, rows, cols // 2), generator=g, dtype=torch.int64).to(torch.uint8)
+            tensors[name + "_scale"] = (torch.rand(E, rows, cols // 16, generator=g) + 0.25).to(torch.float8_e4m3fn)
+            tensors[name + "_amax"] = torch.rand(E, generator=g) + 0.5
+            tensors[name + "_outer_scale_denominator"] = torch.tensor(6.0 * 448.0)
+    save_file(tensors, path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_packed_experts_equal_the_dequantized_model(tmp_path, seed: int) -> None:
+    """`ll.load(path, packed_experts=True)` keeps NVFP4 / MXFP8 experts packed and dequantizes one
+    expert per call: logits at several pass counts, padded batches, every cached tensor and greedy
+    generation are bit-equal to the model whose experts were dequantized at load."""
+    folder = _fully_quantized(tmp_path / "q", seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tensor used in both modes
+        dense = ll.load(folder)
+        packed = ll.load(folder, packed_experts=True)
+    assert isinstance(packed, ink.PackedInkling2Transformer) and not isinstance(dense, ink.PackedInkling2Transformer)
+    assert not any(".mlp.gate_up" in n or ".mlp.down" in n for n in packed.state_dict())
+    kinds = {type(m.factor).__name__ for m in packed.modules() if isinstance(m, ink.PackedExperts)}
+    assert kinds == {"Tensor", "NoneType"}, kinds  # NVFP4 (a factor) and MXFP8 (none) both kept packed
+    layer = packed.blocks[0].mlp
+    assert layer.gate_up.weight.dtype == torch.uint8 and layer.gate_up.scale.dtype == torch.float8_e4m3fn
+    for e in range(layer.gate_up.shape[0]):
+        assert torch.equal(layer.gate_up.expert(e), dense.blocks[0].mlp.gate_up[e])
+        assert torch.equal(layer.down.expert(e), dense.blocks[0].mlp.down[e])
+    x = tokens(seed + 20, (3, 7))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for n in (1, 2, 3):
+            assert torch.equal(packed(x, n_loops=n), dense(x, n_loops=n)), f"n_loops={n}"
+        assert torch.equal(packed(x, attention_mask=mask), dense(x, attention_mask=mask))
+    _, got = packed.run_with_cache(x, n_loops=2)
+    _, want = dense.run_with_cache(x, n_loops=2)
+    assert set(got.keys()) == set(want.keys())
+    for name in want.keys():
+        assert torch.equal(got[name], want[name]), name
+    kw = dict(max_new_tokens=4, verbose=False, stop_at_eos=False, return_type="tokens", attention_mask=mask)
+    assert torch.equal(packed.generate(x, **kw), dense.generate(x, **kw))
+    with pytest.raises(ll.errors.SaveError, match="packed"):
+        packed.save(tmp_path / "native")
+
+
+def test_packed_experts_refusals(tmp_path) -> None:
+    ref, ours = pair(4)
+    ref.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ll.LoadError, match="not quantized"):
+        ll.load(tmp_path / "dense", packed_experts=True)
+    with pytest.raises(ll.LoadError, match="packed_experts must be True or False"):
+        ll.load(tmp_path / "dense", packed_experts="yes")
+    with pytest.raises(ll.LoadError, match="not known for family"):
+        ll.load(tmp_path / "dense", pack=True)
+    ours.save(tmp_path / "native")
+    with pytest.raises(ll.LoadError, match="native"):
+        ll.load(tmp_path / "native", packed_experts=True)

@@ -18,6 +18,8 @@ from loop_lens.zoo import zoo_path
 
 # families with a model class of their own: family -> build(config, tensors, dtype=, device=, tokenizer=, origin=)
 BUILDERS: dict[str, Any] = {"hrm_text": hrm_text.build, "dory": dory.build, "parcae": parcae.build, "inkling2": inkling2.build}
+# the load options a family's builder takes beyond dtype / device (ll.load(path, **options))
+LOAD_OPTIONS: dict[str, tuple[str, ...]] = {"inkling2": ("packed_experts",)}
 KNOWN_FAMILIES = ("native", *families.LOOPED_FAMILIES, *BUILDERS, "zoo")
 
 __all__ = ["load", "loop", "from_hf", "from_bridge", "detect_family", "LoadError", "UnexpectedTensorsWarning", "KNOWN_FAMILIES"]
@@ -75,31 +77,42 @@ def load(
     family: Optional[str] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    **options: Any,
 ) -> HookedLoopedTransformer:
     """Load a looped checkpoint directory (or `zoo:<name>`, or a hub id when online).
 
     The family is detected from config.json and tensor names unless `family=` names it. No code
     from the checkpoint is imported or executed. bf16 checkpoints stay bf16 unless `dtype=` says
-    otherwise.
+    otherwise. `options` are the family's own load options (`LOAD_OPTIONS`: Inkling 2's
+    `packed_experts=True` keeps quantized experts packed); any other keyword raises LoadError.
     """
     _check_device(device)
     text = str(path)
+    if options and (family in ("zoo", "native") or text.startswith("zoo:")):
+        raise LoadError(f"load options {sorted(options)} are for a family's own checkpoints, not native or zoo models")
     if family == "zoo" or text.startswith("zoo:"):
         return load(zoo_path(text.removeprefix("zoo:")), family="native", device=device, dtype=dtype)
     if family is not None and family not in KNOWN_FAMILIES:
         raise LoadError(f"unknown family {family!r}; known families: {list(KNOWN_FAMILIES)}")
     directory = _resolve_dir(path)
     if family == "native" or (family is None and (directory / CONFIG_NAME).is_file()):
+        if options:
+            raise LoadError(f"load options {sorted(options)} are for a family's own checkpoints; {directory} is a "
+                            "native loop_lens save")
         cfg, src, tokenizer = _native(directory)
         cfg, mapped = families.native(cfg, src)
     else:
         config = read_config(directory)
         tensors, origin = read_tensors(directory)
         family = family or detect_family(config, tensors)
+        unknown = sorted(set(options) - set(LOAD_OPTIONS.get(family, ())))
+        if unknown:
+            raise LoadError(f"load option(s) {unknown} are not known for family {family!r} (it takes "
+                            f"{list(LOAD_OPTIONS.get(family, ())) or 'none'})")
         src = TensorSource(tensors, origin, ignore=["freqs_cis"])
         if family in BUILDERS:
             return BUILDERS[family](config, src, dtype=dtype, device=device, tokenizer=load_tokenizer(directory),
-                                    origin=str(directory / "config.json"))
+                                    origin=str(directory / "config.json"), **options)
         cfg, mapped = families.LOOPED_FAMILIES[family](config, src)
         tokenizer = load_tokenizer(directory)
     return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)

@@ -12,8 +12,10 @@ Two tensor layouts are read:
 The release's quantized experts (in the release layout) are dequantized at load, as transformers'
 `Inkling2LoopDequantizeExperts` does: NVFP4 (`w13_weight` two E2M1 codes per byte, low nibble first,
 a float8 `_scale` per 16 values and a per-expert `_amax / _outer_scale_denominator`) and MXFP8
-(float8 values, a power-of-two `_scale` `2 ** (s - 127)` per 32 values). Keeping them packed is not
-implemented: the whole model is held dequantized.
+(float8 values, a power-of-two `_scale` `2 ** (s - 127)` per 32 values). With the load option
+`packed_experts=True` (`ll.load(path, packed_experts=True)`) they stay packed instead and each
+expert is dequantized when a token routes to it (`PackedInkling2Transformer`); every expert
+tensor must then be quantized.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from torch import Tensor
 from loop_lens.adapters.io import CheckpointConfig, TensorSource, assemble, check_weight_dtype
 from loop_lens.config import LoopConfig
 from loop_lens.errors import ConfigError, LoadError
-from loop_lens.families.inkling2 import EXTRA_KEYS, FAMILY, HookedInkling2Transformer
+from loop_lens.families.inkling2 import E2M1 as E2M1  # re-exported: the codes' values
+from loop_lens.families.inkling2 import (
+    EXTRA_KEYS,
+    FAMILY,
+    HookedInkling2Transformer,
+    PackedInkling2Transformer,
+    dequantize_experts,
+)
 
 Mapping = dict[str, tuple[str, Tensor]]
 MODEL_TYPES = ("inkling2_loop_text", "inkling2_loop")
@@ -41,45 +50,6 @@ _DEFAULTS = {  # transformers' Inkling2LoopTextConfig defaults, for keys a confi
 _ALIASES = {"sliding_window_size": ("sliding_window",), "n_routed_experts": ("num_local_experts",),
             "conv_kernel_size": ("sconv_kernel_size",), "route_scale": ("routed_scaling_factor",)}
 _QUANTIZED = ("gate_up_proj_scale_inv", "down_proj_scale_inv")  # transformers' in-memory quantized experts
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-"""The 16 values of an FP4 (E2M1) code."""
-
-
-def dequantize_experts(weight: Tensor, scale: Tensor, amax: Optional[Tensor] = None,
-                       denominator: Optional[Tensor] = None, name: str = "experts") -> Tensor:
-    """Quantized expert weights -> fp32 [experts, rows, columns].
-
-    NVFP4 (`amax` given): `weight` [E, rows, columns / 2] bytes holding two E2M1 codes (the even
-    element in the low nibble), `scale` [E, rows, columns / 16] one float8 scale per 16 values, and
-    a per-expert factor `amax / denominator`. MXFP8: `weight` [E, rows, columns] float8 values,
-    `scale` [E, rows, columns / 32] exponents, each block times `2 ** (scale - 127)`."""
-    if weight.ndim != 3 or scale.ndim != 3 or scale.shape[:2] != weight.shape[:2]:
-        raise LoadError(f"{name}: quantized experts need a [experts, rows, ...] weight and scale, got "
-                        f"{tuple(weight.shape)} and {tuple(scale.shape)}")
-    E, rows = weight.shape[:2]
-    if amax is not None:
-        if denominator is None:
-            raise LoadError(f"{name}: NVFP4 experts have an _amax but no _outer_scale_denominator")
-        columns, block = 2 * weight.shape[2], 16
-        if scale.shape[2] * block != columns:
-            raise LoadError(f"{name}: NVFP4 scale {tuple(scale.shape)} does not give one scale per 16 of {columns} columns")
-        codes = weight.view(torch.uint8) if weight.dtype == torch.int8 else weight.to(torch.uint8)
-        table = torch.tensor(E2M1, dtype=torch.float32)
-        low, high = table[(codes & 0xF).long()], table[(codes >> 4).long()]
-        values = torch.stack([low, high], dim=-1).reshape(E, rows, columns // block, block) * scale.float()[..., None]
-        factor = (amax.float() / denominator.float()).reshape(-1)
-        factor = factor.expand(E) if factor.numel() == 1 else factor
-        if factor.numel() != E:
-            raise LoadError(f"{name}: NVFP4 _amax / _outer_scale_denominator give {factor.numel()} factors for {E} experts")
-        values = values * factor[:, None, None, None]
-    else:
-        columns, block = weight.shape[2], 32
-        if scale.shape[2] * block != columns:
-            raise LoadError(f"{name}: MXFP8 scale {tuple(scale.shape)} does not give one scale per 32 of {columns} columns")
-        values = weight.float().reshape(E, rows, columns // block, block) * torch.exp2(scale.float() - 127)[..., None]
-    return values.reshape(E, rows, columns)
-
-
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The text model's config: `config` itself, or its `text_config` (the multimodal release)."""
     if config.get("model_type") == "inkling2_loop" or isinstance(config.get("text_config"), dict):
@@ -156,8 +126,13 @@ def _layout(src: TensorSource) -> tuple[str, bool]:
     raise LoadError(f"{src.origin} holds no Inkling 2 embedding (model.llm.embed.weight or model.embed_tokens.weight)")
 
 
-def inkling2_mapping(cfg: LoopConfig, src: TensorSource) -> Mapping:
-    """`{our parameter: (checkpoint tensor, tensor)}` for an Inkling 2 state dict (either layout)."""
+Packed = dict[str, tuple[str, Tensor, Tensor, Optional[Tensor]]]
+
+
+def inkling2_mapping(cfg: LoopConfig, src: TensorSource, packed: Optional[Packed] = None) -> Mapping:
+    """`{our parameter: (checkpoint tensor, tensor)}` for an Inkling 2 state dict (either layout).
+    With `packed` (a dict to fill), quantized experts are not dequantized: `packed[our module]`
+    gets `(checkpoint tensor, weight, scale, factor or None)`, rows already in our order."""
     quantized = [k for k in src.tensors if k.rsplit(".", 1)[-1] in _QUANTIZED]
     if quantized:
         raise LoadError(f"{src.origin} holds transformers' quantized experts ({quantized[0]!r}, ...): load the "
@@ -199,12 +174,15 @@ def inkling2_mapping(cfg: LoopConfig, src: TensorSource) -> Mapping:
                 put(f"{ours}.attn.{ours_name}", a + theirs)
             put(f"{ours}.mlp.router", lay + "mlp.gate.weight")
             put(f"{ours}.mlp.bias", lay + "mlp.gate.bias")
-            w13 = _experts(src, prefix + lay + "mlp.experts.w13_weight")  # rows interleaved: gate_0, up_0, gate_1, ...
-            E, rows, d = w13.shape
-            out[f"{ours}.mlp.gate_up"] = (prefix + lay + "mlp.experts.w13_weight",
-                                          w13.reshape(E, rows // 2, 2, d).transpose(1, 2).reshape(E, rows, d))
-            out[f"{ours}.mlp.down"] = (prefix + lay + "mlp.experts.w2_weight",
-                                       _experts(src, prefix + lay + "mlp.experts.w2_weight"))
+            w13_name, w2_name = prefix + lay + "mlp.experts.w13_weight", prefix + lay + "mlp.experts.w2_weight"
+            if packed is not None:
+                weight, scale, factor = _packed(src, w13_name)
+                packed[f"{ours}.mlp.gate_up"] = (w13_name, _deinterleave(weight), _deinterleave(scale), factor)
+                packed[f"{ours}.mlp.down"] = (w2_name, *_packed(src, w2_name))
+            else:
+                w13 = _experts(src, w13_name)  # rows interleaved: gate_0, up_0, gate_1, ...
+                out[f"{ours}.mlp.gate_up"] = (w13_name, _deinterleave(w13))
+                out[f"{ours}.mlp.down"] = (w2_name, _experts(src, w2_name))
             norms = ["attn_norm"] if sliding else ["q_input_norm", "k_input_norm", "v_input_norm"]
             for j, name in enumerate(norms):
                 put(f"{ours}.ln_in.{j}.weight", lay + name + ".weight")
@@ -275,6 +253,32 @@ def inkling2_mapping(cfg: LoopConfig, src: TensorSource) -> Mapping:
     return out
 
 
+def _deinterleave(w13: Tensor) -> Tensor:
+    """The release's interleaved expert rows (gate_0, up_0, gate_1, ...) as [gate rows; up rows]."""
+    E, rows, d = w13.shape
+    return w13.reshape(E, rows // 2, 2, d).transpose(1, 2).reshape(E, rows, d)
+
+
+def _packed(src: TensorSource, name: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A quantized expert tensor as stored: (weight, scale, NVFP4 factor amax / denominator per
+    expert, or None for MXFP8); LoadError when it is not quantized."""
+    if not src.has(name + "_scale"):
+        raise LoadError(f"packed_experts=True: tensor {name!r} in {src.origin} is not quantized (no {name + '_scale'!r}); "
+                        "only a checkpoint whose experts are all NVFP4 / MXFP8 can keep them packed")
+    weight, scale = src.take(name), src.take(name + "_scale")
+    if not src.has(name + "_amax"):
+        return weight, scale, None
+    den = name + "_outer_scale_denominator"
+    if not src.has(den):
+        raise LoadError(f"{name}: NVFP4 experts have an _amax but no _outer_scale_denominator")
+    factor = (src.take(name + "_amax").float() / src.take(den).float()).reshape(-1)
+    E = weight.shape[0]
+    factor = factor.expand(E).clone() if factor.numel() == 1 else factor
+    if factor.numel() != E:
+        raise LoadError(f"{name}: NVFP4 _amax / _outer_scale_denominator give {factor.numel()} factors for {E} experts")
+    return weight, scale, factor
+
+
 def _experts(src: TensorSource, name: str) -> Tensor:
     """An expert tensor of the release layout, dequantized when it comes with scales."""
     weight = src.take(name)
@@ -292,10 +296,28 @@ def build(
     device: Optional[Union[str, torch.device]] = None,
     tokenizer: Any = None,
     origin: str = "config.json",
+    packed_experts: bool = False,
 ) -> HookedInkling2Transformer:
     """Config + tensors -> a HookedInkling2Transformer; every parameter must be mapped with a float
-    tensor of the right shape (LoadError naming it otherwise); unused tensors warn once."""
+    tensor of the right shape (LoadError naming it otherwise); unused tensors warn once.
+
+    `packed_experts=True`: keep the release's NVFP4 / MXFP8 experts packed, dequantizing one
+    expert per call (a `PackedInkling2Transformer`); every expert tensor must be quantized."""
     check_weight_dtype(dtype)
+    if not isinstance(packed_experts, bool):
+        raise LoadError(f"packed_experts must be True or False, got {packed_experts!r}")
     cfg = inkling2_config(config)
-    mapped = inkling2_mapping(cfg, src)
-    return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
+    packed: Optional[Packed] = {} if packed_experts else None
+    mapped = inkling2_mapping(cfg, src, packed)
+    if packed is None:
+        return assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer)
+    if not packed:
+        raise LoadError(f"packed_experts=True: {src.origin} has no experts in the release layout "
+                        "(model.llm.layers.{i}.mlp.experts.w13_weight with their scales)")
+    model = assemble(cfg, mapped, src, dtype=dtype, device=device, tokenizer=tokenizer,
+                     model_cls=PackedInkling2Transformer)
+    target = model.unembed.weight.device
+    for module, (name, weight, scale, factor) in packed.items():
+        model.get_submodule(module).set(weight.to(target), scale.to(target),
+                                        None if factor is None else factor.to(target), name)
+    return model

@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import pandas as pd
 import torch
@@ -113,12 +113,28 @@ class CodaLens(Lens):
     ) -> Float[Tensor, "*lead batch pos d_vocab"]:
         """Logits of `x` [..., batch, pos, d_model]; the coda attends over all positions, so pass
         every position and the attention mask of the run."""
-        if x.ndim > 3:
+        if isinstance(x, Tensor) and x.ndim > 3:
             return torch.stack([self(xi, hook, attention_mask) for xi in x])
         return self.model.finish(x, attention_mask)
 
 
 LENSES: dict[str, type[Lens]] = {lens.name: lens for lens in (LogitLens, CodaLens)}
+
+
+def state_at(model: LoopedModel, cache: LoopCache, hook: str) -> Any:
+    """The state a lens reads at `hook` in `cache`: `cache[hook]`, or what the model's own
+    `lens_state(cache, hook)` builds there (a family whose layers' outputs are not the whole state:
+    e.g. a carry of a partial sum and stored block states, rebuilt from the cache)."""
+    own = getattr(model, "lens_state", None)
+    return cache[hook] if own is None else own(cache, hook)
+
+
+def take_positions(state: Any, at: Any) -> Any:
+    """`state[:, at]` (positions of a [batch, pos, ...] state); a state of several tensors (a
+    NamedTuple such as a carry) is sliced field by field."""
+    if isinstance(state, tuple):
+        return type(state)(*(part[:, at] for part in state))
+    return state[:, at]
 
 
 def get_lens(model: LoopedModel, lens: Union[str, Lens]) -> Lens:
@@ -202,7 +218,8 @@ def lens_of_states(
     _checks.not_empty(states.shape[1], states.shape[2])
     mask = _checks.mask_for(mask, states.shape[1], states.shape[2], states.device)
     with torch.no_grad():
-        logits = torch.stack([reader(s, hook_name("state_post", iteration=t), mask) for t, s in enumerate(states)])
+        names = [hook_name("state_post", iteration=t) for t in range(states.shape[0])]
+        logits = torch.stack([reader(state_at(model, cache, n), n, mask) for n in names])
     return StateLensResult(logits=logits, lens=reader.name, str_tokens=vocab_labels(model))
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from loop_lens.analysis import _checks
 from loop_lens.analysis._types import LoopedModel, Mask
 from loop_lens.analysis.attention import colsum_concentration
-from loop_lens.analysis.lens import Lens, block_lens, vocab_labels
+from loop_lens.analysis.lens import Lens, block_lens, state_at, take_positions, vocab_labels
 from loop_lens.analysis.result import Result, long_frame
 from loop_lens.cache import LoopCache
 from loop_lens.model.names import hook_name
@@ -136,7 +136,8 @@ def logit_lens(
     final top-1 prediction at each position, from the cache's last iteration). `positions` reads
     only these positions (negative counts from the end): a pointwise lens then unembeds only them,
     which for a 49k vocabulary is most of the time and memory; the result's S axis holds them, and
-    its methods take the input's positions.
+    its methods take the input's positions. A family whose layer output is not the whole state
+    (a carry of several tensors) rebuilds the state at each site from the cache (`model.lens_state(cache, hook)`).
     """
     cache = _checks.loop_cache(cache)
     _checks.same_model(model, cache)
@@ -151,8 +152,9 @@ def logit_lens(
         targets = _checks.token_ids(targets, "targets", B, S, V, x.device)
     keep = None if positions is None else _positions(positions, S)
     at = slice(None) if keep is None else torch.tensor(keep, device=x.device)
+    own_state = getattr(model, "lens_state", None)  # a family whose states are more than a layer's output
     with torch.no_grad():
-        final_logits = model.finish(cache[hook_name("state_post", iteration=T - 1)], mask)[:, at]
+        final_logits = model.finish(state_at(model, cache, hook_name("state_post", iteration=T - 1)), mask)[:, at]
         final_logp = F.log_softmax(final_logits.float(), -1)  # [B, S', V]
         final_top = final_logp.argmax(-1)
         tgt = final_top if targets is None else targets[:, at]
@@ -163,10 +165,11 @@ def logit_lens(
         for t in range(T):
             for layer in range(L):
                 name = hook_name("resid_post", layer=layer, iteration=t)
+                state = x[t, layer] if own_state is None else own_state(cache, name)
                 if reader.pointwise:
-                    logits = reader(x[t, layer][:, at], name)
+                    logits = reader(take_positions(state, at), name)
                 else:  # the lens attends over positions: read them all, keep the asked ones
-                    logits = reader(x[t, layer], name, mask)[:, at]
+                    logits = reader(state, name, mask)[:, at]
                 logp = F.log_softmax(logits.float(), -1)  # [B, S, V]
                 del logits
                 top = logp.topk(k, dim=-1)

@@ -42,10 +42,11 @@ from transformer_lens.hook_points import HookPoint
 
 from loop_lens.cache import LoopCache
 from loop_lens.config import LoopConfig
-from loop_lens.errors import ConfigError, HookNameError
+from loop_lens.errors import ConfigError, HookNameError, LoadError, SaveError
 from loop_lens.model import sites
 from loop_lens.model.hooks import NO_HOOKS, Hooks
 from loop_lens.model.looped import HookedLoopedTransformer
+from loop_lens.model.names import parse_hook_name
 from loop_lens.model.run import Run, StopAtLayer
 from loop_lens.model.schedule import Schedule, Step
 from loop_lens.model.sites import Site
@@ -176,21 +177,30 @@ class ScaledClip(nn.Module):
         return (out.float() * tau[..., None, None]).to(x.dtype)
 
 
+def _with_past(inp: Tensor, past: Optional[Tensor], kernel: int) -> Tensor:
+    """[B, S, C] inputs after the `kernel - 1` earlier ones (`past`, generation's convolution
+    state; zeros at the start of a sequence)."""
+    if past is None:
+        past = inp.new_zeros(inp.shape[0], kernel - 1, inp.shape[2])
+    return torch.cat([past.to(inp.dtype), inp], dim=1)
+
+
 class ShortConv(nn.Module):
     """A causal depthwise convolution over the sequence (padding zeroed first), plus the input,
-    over sqrt(kernel + 1)."""
+    over sqrt(kernel + 1). Returns the output and the last `kernel - 1` (masked) inputs, the state
+    a later call continuing the sequence takes as `past`."""
 
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.kernel = kernel
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel))
 
-    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Optional[Tensor] = None,
+                past: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         xf = x.float()
-        inp = xf if pad_mask is None else xf * pad_mask[:, :, None]
-        out = F.conv1d(inp.transpose(1, 2), self.weight.float(), padding=self.kernel - 1, groups=x.shape[-1])
-        out = out[:, :, : x.shape[1]].transpose(1, 2)
-        return ((out + xf) / math.sqrt(self.kernel + 1)).to(x.dtype)
+        inp = _with_past(xf if pad_mask is None else xf * pad_mask[:, :, None], past, self.kernel)
+        out = F.conv1d(inp.transpose(1, 2), self.weight.float(), groups=x.shape[-1]).transpose(1, 2)
+        return ((out + xf) / math.sqrt(self.kernel + 1)).to(x.dtype), inp[:, inp.shape[1] - self.kernel + 1:]
 
 
 class DynamicShortConv(nn.Module):
@@ -204,16 +214,66 @@ class DynamicShortConv(nn.Module):
         self.static = nn.Parameter(torch.zeros(kernel, channels))
         self.proj = nn.Linear(d_in, heads * kernel, bias=False)
 
-    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor], dynamic_input: Tensor,
+                past: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         B, S, C = x.shape
         K, H = self.kernel, self.heads
         taps = self.static.float().T.reshape(H, C // H, K) + self.proj(dynamic_input).float().view(B, S, H, 1, K)
         xf = x.float()
-        inp = xf if pad_mask is None else xf * pad_mask[:, :, None]
-        windows = F.pad(inp.transpose(1, 2), (K - 1, 0)).unfold(-1, K, 1).flip(-1)  # [B, C, S, K], [..., lag]
+        inp = _with_past(xf if pad_mask is None else xf * pad_mask[:, :, None], past, K)
+        windows = inp.transpose(1, 2).unfold(-1, K, 1).flip(-1)  # [B, C, S, K], [..., lag]
         windows = windows.transpose(1, 2).reshape(B, S, H, C // H, K)
         out = (windows * taps).sum(-1).reshape(B, S, C)
-        return ((out + xf) / math.sqrt(2 * K + 1)).to(x.dtype)
+        return ((out + xf) / math.sqrt(2 * K + 1)).to(x.dtype), inp[:, inp.shape[1] - K + 1:]
+
+
+def _conv(conv: nn.Module, name: str, x: Tensor, pad_mask: Optional[Tensor], kv: Any,
+          dynamic_input: Optional[Tensor] = None) -> Tensor:
+    """Run a short convolution; in generation, continue from the inputs the site kept last step
+    (its KV view's `past_state(name)`) and keep this call's last ones (`keep_state`)."""
+    out, tail = conv(x, pad_mask, dynamic_input, None if kv is None else kv.past_state(name))
+    if kv is not None:
+        kv.keep_state(name, tail)
+    return out
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""The 16 values of an FP4 (E2M1) code."""
+
+
+def dequantize_experts(weight: Tensor, scale: Tensor, amax: Optional[Tensor] = None,
+                       denominator: Optional[Tensor] = None, name: str = "experts") -> Tensor:
+    """Quantized expert weights -> fp32 [experts, rows, columns].
+
+    NVFP4 (`amax` given): `weight` [E, rows, columns / 2] bytes holding two E2M1 codes (the even
+    element in the low nibble), `scale` [E, rows, columns / 16] one float8 scale per 16 values, and
+    a per-expert factor `amax / denominator`. MXFP8: `weight` [E, rows, columns] float8 values,
+    `scale` [E, rows, columns / 32] exponents, each block times `2 ** (scale - 127)`."""
+    if weight.ndim != 3 or scale.ndim != 3 or scale.shape[:2] != weight.shape[:2]:
+        raise LoadError(f"{name}: quantized experts need a [experts, rows, ...] weight and scale, got "
+                        f"{tuple(weight.shape)} and {tuple(scale.shape)}")
+    E, rows = weight.shape[:2]
+    if amax is not None:
+        if denominator is None:
+            raise LoadError(f"{name}: NVFP4 experts have an _amax but no _outer_scale_denominator")
+        columns, block = 2 * weight.shape[2], 16
+        if scale.shape[2] * block != columns:
+            raise LoadError(f"{name}: NVFP4 scale {tuple(scale.shape)} does not give one scale per 16 of {columns} columns")
+        codes = weight.view(torch.uint8) if weight.dtype == torch.int8 else weight.to(torch.uint8)
+        table = torch.tensor(E2M1, dtype=torch.float32)
+        low, high = table[(codes & 0xF).long()], table[(codes >> 4).long()]
+        values = torch.stack([low, high], dim=-1).reshape(E, rows, columns // block, block) * scale.float()[..., None]
+        factor = (amax.float() / denominator.float()).reshape(-1)
+        factor = factor.expand(E) if factor.numel() == 1 else factor
+        if factor.numel() != E:
+            raise LoadError(f"{name}: NVFP4 _amax / _outer_scale_denominator give {factor.numel()} factors for {E} experts")
+        values = values * factor[:, None, None, None]
+    else:
+        columns, block = weight.shape[2], 32
+        if scale.shape[2] * block != columns:
+            raise LoadError(f"{name}: MXFP8 scale {tuple(scale.shape)} does not give one scale per 32 of {columns} columns")
+        values = weight.float().reshape(E, rows, columns // block, block) * torch.exp2(scale.float() - 127)[..., None]
+    return values.reshape(E, rows, columns)
 
 
 def depth_attend(query: Tensor, blocks: Tensor, partial: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,20 +338,20 @@ class InklingAttention(nn.Module):
                 pad_mask: Optional[Tensor], kv: Any = None) -> Tensor:
         B, S, _ = xq.shape
         dtype = xq.dtype
+        new_mask = None if pad_mask is None else pad_mask[:, -S:]  # this call's positions (generation: the new ones)
         q = hooks.hook_q(self.q_clip(self.q(xq).view(B, S, self.H, self.hd), positions))
-        k = l2_clip(self.k_conv(self.k(xk), pad_mask, xk).view(B, S, self.K, self.hd).float(), self.k_threshold)
-        k = hooks.hook_k(k.to(dtype))
-        v = hooks.hook_v(_rms(self.v_conv(self.v(xv), pad_mask, xv).view(B, S, self.K, self.hd), self.eps).to(dtype))
+        k = _conv(self.k_conv, "k_conv", self.k(xk), new_mask, kv, xk).view(B, S, self.K, self.hd)
+        k = hooks.hook_k(l2_clip(k.float(), self.k_threshold).to(dtype))
+        v = _conv(self.v_conv, "v_conv", self.v(xv), new_mask, kv, xv).view(B, S, self.K, self.hd)
+        v = hooks.hook_v(_rms(v, self.eps).to(dtype))
         if kv is not None:  # generation's view of the site: this call's keys after the cached ones
-            k_all, v_all = kv(k.transpose(1, 2), v.transpose(1, 2))
-            if k_all.shape[2] != S:
-                raise ValueError("Inkling 2 attention runs without a KV cache: its convolutions and relative bias "
-                                 "read the whole sequence (generation recomputes it: use_past_kv_cache=False)")
+            k, v = (a.transpose(1, 2) for a in kv(k.transpose(1, 2), v.transpose(1, 2)))
+        Sk = k.shape[1]
 
-        dist = torch.arange(S, device=xq.device)[:, None] - torch.arange(S, device=xq.device)[None, :]
+        dist = torch.arange(Sk - S, Sk, device=xq.device)[:, None] - torch.arange(Sk, device=xq.device)[None, :]
         rel = self.rel_clip(self.rel(xq).view(B, S, self.H, -1), positions)
         rel = (rel @ self.rel_proj.to(rel.dtype)).transpose(1, 2)  # [B, H, S, extent]
-        bias = rel.gather(-1, dist.clamp(0, self.extent - 1).expand(B, self.H, S, S))
+        bias = rel.gather(-1, dist.clamp(0, self.extent - 1).expand(B, self.H, S, Sk))
         bias = hooks.hook_rel_bias(bias.masked_fill((dist < 0) | (dist >= self.extent), 0.0))
         sink = hooks.hook_sink(self.sink(xq).transpose(1, 2))  # [B, H, S]
 
@@ -311,19 +371,57 @@ class InklingAttention(nn.Module):
         return self.o((z.float() * gate).to(dtype).reshape(B, S, -1))
 
 
+class PackedExperts(nn.Module):
+    """Quantized expert weights kept as stored (NVFP4 codes or MXFP8 values, their block scales
+    and, for NVFP4, the per-expert factor amax / denominator), dequantized one expert at a time
+    (`expert(e)`: fp32 [rows, columns], bit-equal to `dequantize_experts` of the whole tensor).
+    The tensors are non-persistent buffers set after load (`set`)."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        super().__init__()
+        self.shape = shape
+        for name in ("weight", "scale", "factor"):
+            self.register_buffer(name, None, persistent=False)
+
+    def set(self, weight: Tensor, scale: Tensor, factor: Optional[Tensor], name: str) -> None:
+        E, rows, cols = self.shape
+        got = dequantize_experts(weight[:1], scale[:1], None if factor is None else factor[:1],
+                                 None if factor is None else torch.ones(()), name).shape[1:]
+        if weight.shape[0] != E or tuple(got) != (rows, cols):
+            raise LoadError(f"{name}: packed experts give [{weight.shape[0]}, {got[0]}, {got[1]}], expected {list(self.shape)}")
+        self.weight, self.scale, self.factor = weight, scale, factor
+
+    def expert(self, e: int) -> Tensor:
+        factor = None if self.factor is None else self.factor[e:e + 1]
+        one = None if factor is None else torch.ones((), device=factor.device)
+        return dequantize_experts(self.weight[e:e + 1], self.scale[e:e + 1], factor, one)[0]
+
+    def extra_repr(self) -> str:
+        kind = "MXFP8" if self.factor is None else "NVFP4"
+        return f"{kind}, {list(self.shape)}"
+
+
 class InklingMoE(nn.Module):
     """Sigmoid router with a correction bias on the choice only, top-k, weights normalised and
-    times `route_scale`; softcapped SwiGLU experts summed in fp32."""
+    times `route_scale`; softcapped SwiGLU experts summed in fp32. With `packed`, the experts
+    are `PackedExperts` dequantized per expert call."""
 
-    def __init__(self, cfg: LoopConfig, x: dict):
+    def __init__(self, cfg: LoopConfig, x: dict, packed: bool = False):
         super().__init__()
         E, D, M = x["n_routed_experts"], cfg.d_model, cfg.d_mlp
         self.top_k, self.scale = x["num_experts_per_tok"], x["route_scale"]
         self.gate_cap, self.up_cap = x["mlp_gate_softcap"], x["mlp_up_softcap"]
         self.router = nn.Parameter(torch.zeros(E, D))
         self.bias = nn.Parameter(torch.zeros(E), requires_grad=False)
-        self.gate_up = nn.Parameter(torch.zeros(E, 2 * M, D))  # [gate rows; up rows] per expert
-        self.down = nn.Parameter(torch.zeros(E, D, M))
+        if packed:
+            self.gate_up: Any = PackedExperts((E, 2 * M, D))
+            self.down: Any = PackedExperts((E, D, M))
+        else:
+            self.gate_up = nn.Parameter(torch.zeros(E, 2 * M, D))  # [gate rows; up rows] per expert
+            self.down = nn.Parameter(torch.zeros(E, D, M))
+
+    def _weight(self, which: Any, e: int, dtype: torch.dtype) -> Tensor:
+        return which.expert(e).to(dtype) if isinstance(which, PackedExperts) else which[e]
 
     def forward(self, x: Tensor, hooks: Any) -> Tensor:
         B, S, D = x.shape
@@ -337,10 +435,10 @@ class InklingMoE(nn.Module):
         out = torch.zeros(B * S, D, dtype=torch.float32, device=x.device)
         for e in idx.unique().tolist():
             tok, slot = torch.where(idx == e)
-            gate, up = F.linear(flat[tok], self.gate_up[e]).chunk(2, dim=-1)
+            gate, up = F.linear(flat[tok], self._weight(self.gate_up, e, x.dtype)).chunk(2, dim=-1)
             gate, up = gate.float(), up.float()
             h = (softcap(gate, self.gate_cap) * torch.sigmoid(gate) * softcap(up, self.up_cap)).to(x.dtype)
-            y = F.linear(h, self.down[e]) * w[tok, slot, None]
+            y = F.linear(h, self._weight(self.down, e, x.dtype)) * w[tok, slot, None]
             out.index_add_(0, tok, y.float())
         return out.to(x.dtype).view(B, S, D)
 
@@ -350,7 +448,7 @@ class InklingLayer(nn.Module):
     convolution, the block bookkeeping, the MLP depth mix, (message gate), MoE, its convolution.
     Returns the new partial sum (transformers' decoder layer output)."""
 
-    def __init__(self, cfg: LoopConfig, layer_idx: int, loop: bool):
+    def __init__(self, cfg: LoopConfig, layer_idx: int, loop: bool, packed: bool = False):
         super().__init__()
         x = cfg.extra
         D, eps = cfg.d_model, cfg.norm_eps
@@ -361,7 +459,7 @@ class InklingLayer(nn.Module):
         self.attn_query = nn.Parameter(torch.zeros(n_q, D)) if layer_idx > 0 else None
         self.mlp_query = nn.Parameter(torch.zeros(1, D))
         self.attn = InklingAttention(cfg, x, self.sliding)
-        self.mlp = InklingMoE(cfg, x)
+        self.mlp = InklingMoE(cfg, x, packed)
         self.ln_in = nn.ModuleList(RMSNorm(D, eps) for _ in range(n_q))  # one (sliding) or q, k, v (full)
         self.ln_mlp = RMSNorm(D, eps)
         self.attn_conv = ShortConv(D, x["conv_kernel_size"])
@@ -393,7 +491,8 @@ class InklingLayer(nn.Module):
                           for i, (x, name) in enumerate(zip(inputs, ("q", "k", "v")))]
             qkv = [norm(x) for norm, x in zip(self.ln_in, inputs)]
         a = self.attn(*(t.to(dtype) for t in qkv), hooks.attn, positions, pad_mask, kv)
-        a = hooks.hook_attn_out(self.attn_conv(a, pad_mask)).float()
+        new_mask = None if pad_mask is None else pad_mask[:, -h.shape[1]:]  # generation: the new positions
+        a = hooks.hook_attn_out(_conv(self.attn_conv, "attn_conv", a, new_mask, kv)).float()
         if self.boundary:
             blocks, partial = torch.cat([blocks, h.unsqueeze(-2)], dim=-2), a
         else:
@@ -404,7 +503,7 @@ class InklingLayer(nn.Module):
         m = torch.einsum("bsn,bsnd->bsd", w, stacked)
         if messages is not None:
             m = self.message_gates[3](m, messages[..., 3, :], gates.gate_mlp)
-        y = hooks.hook_mlp_out(self.mlp_conv(self.mlp(self.ln_mlp(m).to(dtype), hooks.mlp), pad_mask))
+        y = hooks.hook_mlp_out(_conv(self.mlp_conv, "mlp_conv", self.mlp(self.ln_mlp(m).to(dtype), hooks.mlp), new_mask, kv))
         return hooks.hook_resid_post((partial + y).to(dtype))
 
 
@@ -456,6 +555,7 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
 
     iteration_hooks_cls = staticmethod(InklingPassHooks)
     _cache_cls = InklingLoopCache
+    packed_experts = False  # PackedInkling2Transformer: quantized experts kept packed
     single_loop_refusal = ("Inkling 2 models (no single residual stream: block states and a partial sum, read "
                            "through learned depth mixes): run the model with run_with_cache / run_with_hooks and "
                            "use loop_lens.families.inkling2's analyses, or model.finish(carry) for the logits of a carry")
@@ -473,10 +573,11 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
         self.embed_norm = RMSNorm(D, cfg.norm_eps)
         self.hook_embed = HookPoint()  # [batch, pos, d_model], after the embedding norm
         P, K = cfg.n_prelude, cfg.n_block
-        self.prelude_blocks = nn.ModuleList(InklingLayer(cfg, l, False) for l in range(P))
+        packed = self.packed_experts
+        self.prelude_blocks = nn.ModuleList(InklingLayer(cfg, l, False, packed) for l in range(P))
         self.prelude = nn.ModuleList(Hooks(layer_paths(l, False)) for l in range(P))
-        self.blocks = nn.ModuleList(InklingLayer(cfg, P + l, True) for l in range(K))
-        self.coda_blocks = nn.ModuleList(InklingLayer(cfg, P + K + l, False) for l in range(cfg.n_coda))
+        self.blocks = nn.ModuleList(InklingLayer(cfg, P + l, True, packed) for l in range(K))
+        self.coda_blocks = nn.ModuleList(InklingLayer(cfg, P + K + l, False, packed) for l in range(cfg.n_coda))
         self.coda = nn.ModuleList(Hooks(layer_paths(P + K + l, False)) for l in range(cfg.n_coda))
         self.message_queries = nn.Parameter(torch.zeros(K, 4, D))
         self.final_query = nn.Parameter(torch.zeros(1, D))
@@ -622,13 +723,122 @@ class HookedInkling2Transformer(HookedLoopedTransformer):
         run = Run(state.hidden, 0, "last", attention_mask, None, self._rope(S, state.hidden.device), None)
         return self._readout(state, run)
 
-    def generate(self, *args: Any, use_past_kv_cache: bool = False, **kwargs: Any) -> Any:
-        """`HookedLoopedTransformer.generate`, recomputing the whole sequence at every step (Inkling
-        2's per-pass KV and convolution caches are not implemented: `use_past_kv_cache=True` is refused)."""
-        if use_past_kv_cache:
-            raise ValueError("use_past_kv_cache=True: Inkling 2's per-pass KV and convolution caches are not "
-                             "implemented; generation recomputes the sequence (use_past_kv_cache=False)")
-        return super().generate(*args, use_past_kv_cache=False, **kwargs)
+    # ------------------------------------------------------------------ the report
+    random_start = False
+    report_hooks = ("mlp.hook_experts", "mlp.hook_router_logits", "attn.hook_sink_mass",
+                    *(f"gate_{i}.hook_{g}" for i in MESSAGE_INPUTS for g in ("forget", "gate")))
+    report_heads_refusal = ("Inkling 2's layers differ in head count (sliding and full attention), its queries and keys "
+                            "pass short convolutions and L2 clips, and each query also attends to a sink, so the "
+                            "head-stability bound (kappa = ||W_Q W_K^T||) does not apply; the sink mass per pass and "
+                            "layer is shown below instead")
+
+    def _describe_layout(self, n_loops: int, options: dict[str, Any]) -> str:
+        c = self.cfg
+        return (f"Inkling 2: {c.n_prelude} prelude layers, {c.n_block} loop layers run {n_loops} times (pass 0 continues "
+                "from the prelude; each later pass restarts from the prelude's output and reads the previous pass only "
+                f"through gated messages), {c.n_coda} coda layers. There is no residual stream: a layer's output "
+                "(hook_resid_post, the state the convergence, fixed-point and trajectory sections measure) is the "
+                "partial sum since the last block boundary, and every sublayer reads a learned softmax over the stored "
+                "block states and that sum. The lens reads a layer's output with the block states stored up to it, "
+                "through the model's own final depth mix, final norm, unembedding and softcap (the coda lens runs "
+                "the coda first).")
+
+    def _report_sections(self, report: Any, cache: Any, tokens: Tensor, mask: Optional[Tensor], stabilisation_tol: float,
+                         convergence_tol: float) -> dict[str, Any]:
+        """Inkling 2's own sections: router stabilisation across passes, message-gate openness per
+        pass (from pass 1 on), and the attention mass on the sink per pass and layer. Returns their numbers."""
+        from loop_lens.report import _table_html
+        from loop_lens.viz import figure_html, parts
+
+        block = parts()
+        stab = router_stability(cache, attention_mask=mask)
+        overlap = stab.mean_overlap()  # [T, K]
+        entropy = _masked_mean(stab.entropy, mask)
+        rows = pd.DataFrame([{"pass": t, "loop layer": l, "expert overlap with pass 0": float(overlap[t, l]),
+                              "router entropy (nats)": float(entropy[t, l])}
+                             for t in range(overlap.shape[0]) for l in range(overlap.shape[1])])
+        report.sections.append(("Router stabilisation across passes", figure_html(stab.plot()) + block.note(
+            f"Per loop layer: the mean share of the {stab.top_k} chosen experts that pass 0 also chose at the same "
+            "token (1 = routes as pass 0), and the entropy of the router's normalised sigmoid scores, over real "
+            "tokens.") + _table_html(rows, index="")))
+        numbers: dict[str, Any] = {"router_stability": {"overlap": overlap, "entropy": entropy, "top_k": stab.top_k}}
+        sink = torch.stack([torch.stack([_masked_mean(_cache_get(cache, f"iter.{t}.blocks.{l}.attn.hook_sink_mass")
+                                                      .float().mean(1), mask) for l in range(self.cfg.n_block)])
+                            for t in range(cache.n_loops)])  # [T, K]
+        if cache.n_loops > 1:
+            gates = message_gates(cache, attention_mask=mask)
+            report.sections.append(("Message-gate openness per pass", figure_html(gates.plot()) + block.note(
+                "Passes after the first gate each loop layer's q / k / v / MLP inputs as (1 - f) x + g m with f = "
+                "tanh(W_f z), g = tanh(W_m z): gate = mean |g| (how much of the message enters), keep = mean 1 - f "
+                "(how much of the pass's own input stays), over real tokens and channels.")
+                + _table_html(gates.to_frame(), index="")))
+            numbers["message_gates"] = {"gate": gates.gate, "keep": gates.keep, "inputs": list(MESSAGE_INPUTS)}
+        else:
+            report.sections.append(("Message-gate openness per pass", block.note(
+                "This run has one pass: messages (and their gates) exist from pass 1 on.")))
+        frame = pd.DataFrame([{"pass": t, "loop layer": l, "sink mass": float(sink[t, l])}
+                              for t in range(sink.shape[0]) for l in range(sink.shape[1])])
+        report.sections.append(("Attention mass on the sink", block.note(
+            "The attention each query puts on the sink (an extra key with zero value), mean over heads and real "
+            "tokens, per pass and loop layer.") + _table_html(frame, index="")))
+        numbers["sink_mass"] = sink
+        return numbers
+
+    # ------------------------------------------------------------------ lenses
+    def lens_state(self, cache: Any, hook: str) -> InklingCarry:
+        """The carry at a loop layer's output, rebuilt from `cache`: `iter.{t}.blocks.{l}.hook_resid_post`
+        (the partial sum) with the block states stored up to that layer (the inputs, `hook_resid_pre`,
+        of every boundary layer in the prelude and in pass t up to l); `iter.{t}.hook_state_post` is
+        the carry leaving pass t. The lenses read it through the model's own final depth mix."""
+        parsed = parse_hook_name(hook)
+        t = parsed.iteration
+        if t is None or parsed.kind not in ("hook_resid_post", "hook_state_post") or \
+                (parsed.kind == "hook_resid_post" and parsed.layer is None):
+            raise ValueError(f"hook {hook!r}: an Inkling 2 lens reads a loop layer's output "
+                             "(iter.{t}.blocks.{l}.hook_resid_post) or a pass's carry (iter.{t}.hook_state_post)")
+        last = self.cfg.n_block - 1 if parsed.kind == "hook_state_post" else parsed.layer
+        hidden = _cache_get(cache, hook)
+        blocks = [_cache_get(cache, f"prelude.{l}.hook_resid_pre") for l, blk in enumerate(self.prelude_blocks)
+                  if blk.boundary]
+        blocks += [_cache_get(cache, f"iter.{t}.blocks.{l}.hook_resid_pre") for l in range(last + 1)
+                   if self.blocks[l].boundary]
+        return InklingCarry(hidden, torch.stack(blocks, dim=-2))
+
+    def logit_lens_readout(self, x: Any, hook: Optional[str], normed: bool) -> Tensor:
+        """The logit lens of a carry: the final depth mix over its block states and partial sum,
+        the final norm, the unembedding and the final softcap (`_unembed`), skipping the coda."""
+        if not isinstance(x, InklingCarry):
+            raise TypeError(f"x: Inkling 2's logit lens reads a carry InklingCarry(hidden, blocks), not a "
+                            f"{type(x).__name__}: a layer's output is a partial sum read through a depth mix over "
+                            "the block states; build the carry with model.lens_state(cache, hook) (logit_lens and "
+                            "lens_of_states do)")
+        return self._unembed(x, hooked=False)
+
+    def generate(self, *args: Any, use_past_kv_cache: bool = True, adaptive: Optional[str] = None, **kwargs: Any) -> Any:
+        """`HookedLoopedTransformer.generate` with per-pass caches: every (pass, layer) site keeps its
+        keys and values and the last inputs of its four short convolutions (K, V, attention output,
+        MoE output), as transformers' Inkling cache does. `adaptive=` exits need
+        `use_past_kv_cache=False` (the convolution state of a position that stopped iterating is not kept)."""
+        if use_past_kv_cache and adaptive is not None:
+            raise ValueError(f"adaptive={adaptive!r} with use_past_kv_cache=True: Inkling 2's per-pass convolution "
+                             "caches are not kept for positions that stop iterating early; pass "
+                             "use_past_kv_cache=False (generation then recomputes the sequence at every step)")
+        return super().generate(*args, use_past_kv_cache=use_past_kv_cache, adaptive=adaptive, **kwargs)
+
+
+class PackedInkling2Transformer(HookedInkling2Transformer):
+    """Inkling 2 with the release's quantized experts kept packed (NVFP4 / MXFP8 as stored) and
+    dequantized one expert at a time when a token routes to it: `ll.load(path, packed_experts=True)`.
+    Its outputs equal the model whose experts are dequantized at load. Each layer's
+    `mlp.gate_up` / `mlp.down` is a `PackedExperts` (not a parameter), so `state_dict()` holds no
+    expert weights and `save` refuses; load with the dtype you want (`dtype=`) rather than casting
+    the model afterwards (a cast would also round the NVFP4 per-expert factors)."""
+
+    packed_experts = True
+
+    def save(self, directory: Any, overwrite: bool = False) -> Any:
+        raise SaveError("save: this Inkling 2 model keeps its experts packed (ll.load(..., packed_experts=True)), "
+                        "and a native save holds dense weights only; load it without packed_experts to save it")
 
 
 # ---------------------------------------------------------------------- analyses

@@ -156,6 +156,9 @@ class HookedLoopedTransformer(HookLifecycle, InputChecks, HookedRootModule):
 
     # ------------------------------------------------------------------ what a family adds to the report
     report_stack_label = ""  # which stack the report's sections read, for a family with more than one
+    report_hooks: tuple[str, ...] = ()  # hook-name endings a family's own report sections read (cached beside the core's)
+    report_heads_refusal: Optional[str] = None  # why the head-stability table and attention view do not apply
+    random_start = True  # seed= / generator= may draw a start state (False: the family refuses them)
 
     def _describe_layout(self, n_loops: int, options: dict[str, Any]) -> Optional[str]:
         """The report's layout paragraph, for a family the plain description does not fit."""
