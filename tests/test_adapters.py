@@ -304,3 +304,17 @@ def test_no_code_from_the_checkpoint_is_imported_or_run(tmp_path):
         warnings.simplefilter("error", UnexpectedTensorsWarning)
         model = ll.load(path)
     assert model.cfg.family == "huginn" and not marker.exists()
+
+
+def test_a_tensor_source_replace_keeps_one_copy_and_counts_as_used():
+    """A family re-laying out a tensor (Inkling 2's interleaved expert rows) swaps it for the new
+    form in the source, so the source holds no second copy until assemble consumes it."""
+    from loop_lens.adapters.io import TensorSource
+    from loop_lens.errors import LoadError
+
+    read, kept = torch.ones(2, 3), torch.zeros(2, 3)
+    src = TensorSource({"a": read, "b": torch.ones(1)}, "ckpt")
+    assert src.replace("a", kept) is kept and src.tensors["a"] is kept
+    assert src.unused() == ["b"]
+    with pytest.raises(LoadError, match="missing tensor 'c'"):
+        src.replace("c", kept)

@@ -176,8 +176,10 @@ def inkling2_mapping(cfg: LoopConfig, src: TensorSource, packed: Optional[Packed
             put(f"{ours}.mlp.bias", lay + "mlp.gate.bias")
             w13_name, w2_name = prefix + lay + "mlp.experts.w13_weight", prefix + lay + "mlp.experts.w2_weight"
             if packed is not None:
-                weight, scale, factor = _packed(src, w13_name)
-                packed[f"{ours}.mlp.gate_up"] = (w13_name, _deinterleave(weight), _deinterleave(scale), factor)
+                weight, scale, factor = _packed(src, w13_name)  # re-laid out in place of what was read: no second copy
+                weight = src.replace(w13_name, _deinterleave(weight))
+                scale = src.replace(w13_name + "_scale", _deinterleave(scale))
+                packed[f"{ours}.mlp.gate_up"] = (w13_name, weight, scale, factor)
                 packed[f"{ours}.mlp.down"] = (w2_name, *_packed(src, w2_name))
             else:
                 w13 = _experts(src, w13_name)  # rows interleaved: gate_0, up_0, gate_1, ...

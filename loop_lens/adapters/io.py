@@ -202,6 +202,13 @@ class TensorSource:
         self.used.add(name)
         return self.tensors[name]
 
+    def replace(self, name: str, tensor: Tensor) -> Tensor:
+        """Hold `tensor` under a taken `name` instead of what was read (the form the model keeps,
+        e.g. re-laid-out rows), so the source keeps no second copy until it is consumed; returns it."""
+        self.take(name)
+        self.tensors[name] = tensor
+        return tensor
+
     def unused(self) -> list[str]:
         """Names of the tensors nobody took, sorted."""
         return sorted(set(self.tensors) - self.used)
