@@ -401,11 +401,6 @@ def _sample(logits: Tensor, do_sample: bool, top_k: Optional[int], top_p: Option
     return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(generators)])
 
 
-def _number(value: Any, name: str) -> float:
-    """A finite real number (not a bool, NaN or an infinity), or ValueError naming the argument."""
-    return finite_number(value, name)
-
-
 def _check_threshold(model: Any, adaptive: Optional[str], threshold: Any) -> float:
     """The adaptive criterion's threshold (the reference's default when None), checked."""
     if adaptive is None:
@@ -420,7 +415,7 @@ def _check_threshold(model: Any, adaptive: Optional[str], threshold: Any) -> flo
         return float(model.cfg.early_exit_threshold) if adaptive == "gate" else float(DEFAULT_THRESHOLDS[adaptive])
     if adaptive == "argmax":
         return float(positive_int(threshold, "threshold"))
-    value = _number(threshold, "threshold")
+    value = finite_number(threshold, "threshold")
     if adaptive == "gate" and not 0 < value <= 1:
         raise ValueError(f"threshold for adaptive='gate' is a cumulative exit probability in (0, 1], got {value}")
     if value <= 0:
@@ -524,12 +519,12 @@ def generate(
     if initial_state is not None and initial_state not in INITIAL_STATES:
         raise ValueError(f"initial_state must be None (the model's own), 'zeros' or 'embed', got {initial_state!r}")
     seed = None if seed is None else check_seed(seed)
-    temperature = _number(temperature, "temperature")
+    temperature = finite_number(temperature, "temperature")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     top_k = None if top_k is None else positive_int(top_k, "top_k")
     if top_p is not None:
-        top_p = _number(top_p, "top_p")
+        top_p = finite_number(top_p, "top_p")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     threshold = _check_threshold(model, adaptive, threshold)
